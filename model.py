@@ -1,0 +1,834 @@
+"""
+model.py: a fine-grained Mixture-of-Experts transformer, written out by hand, that loads the
+Hugging Face checkpoints of DeepSeek-V2/V3, Qwen2-MoE (Qwen1.5-MoE), Qwen3-MoE, OLMoE and Mixtral.
+
+What it teaches: every one of these models is the same decoder (embed, blocks of attention + FFN,
+norm, head) where most FFNs are a *router* (`gate`) that picks the top-k of E small *experts* per
+token, plus optional always-on *shared experts*. The architectures differ only in details, and
+each detail is a field of `ModelConfig`: the attention (multi-head latent attention for DeepSeek,
+grouped-query attention with or without q/k norms for the others), the router's score function
+(softmax or sigmoid), how the top-k is chosen (greedy, by expert groups, with a bias used for the
+choice only), and how the chosen weights are scaled.
+
+The forward pass returns, on request, every MoE layer's routing (top-k ids, combine weights, full
+router scores): that is what ReMoE fine-tunes (router.py, train.py) and what an expert cache sees
+while decoding (cache.py, offload_infer.py). Routed experts can be left on disk at load time so the
+offload engine reads them itself, by name, from the safetensors files.
+
+Follows: DeepSeek-V2 (arXiv:2405.04434) for MLA and routing, DeepSeek-V3 (arXiv:2412.19437) for
+sigmoid routing with a selection bias, YaRN (arXiv:2309.00071); parity target: transformers 5.23.
+Left out: padding masks, sliding windows, dropout, tensor parallelism.
+
+    python model.py --model runs/default/base                     # summary of a checkpoint
+    python model.py --model runs/default/base --prompt "def main():" --max-new-tokens 40
+    python model.py --model runs/default/base --bench             # decode tokens/s vs transformers
+
+Shapes: B batch, T tokens (S with the KV cache), D hidden, H heads, KV key/value heads,
+hd head dim, N = B*T flattened tokens, E routed experts, K top-k, F expert width, V vocab.
+"""
+
+import argparse
+import json
+import math
+import mmap
+import os
+import struct
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+SUPPORTED_MODEL_TYPES = ("deepseek_v2", "deepseek_v3", "qwen2_moe", "qwen3_moe", "olmoe", "mixtral")
+
+
+class CheckpointError(Exception):
+    """Bad checkpoint input; the message is one line naming the file or key and what was expected."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Configuration: one dataclass for every architecture, built from config.json by an explicit map
+
+@dataclass
+class ModelConfig:
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    num_hidden_layers: int
+    rms_norm_eps: float = 1e-6
+    max_position_embeddings: int = 4096
+    tie_word_embeddings: bool = False
+    # attention (grouped-query; MLA uses the block below instead)
+    num_attention_heads: int = 8
+    num_key_value_heads: int = 8
+    head_dim: int = 0
+    qkv_bias: bool = False            # Qwen2-MoE: biases on q, k, v
+    o_bias: bool = False
+    qk_norm: str = "none"             # "head": RMSNorm per head (Qwen3); "proj": over the whole projection (OLMoE)
+    clip_qkv: float | None = None     # OLMoE option, null in the published model
+    # multi-head latent attention (DeepSeek)
+    mla: bool = False
+    q_lora_rank: int | None = None    # None: one q_proj; else q_a_proj -> norm -> q_b_proj
+    kv_lora_rank: int = 0
+    qk_nope_head_dim: int = 0
+    qk_rope_head_dim: int = 0
+    v_head_dim: int = 0
+    rope_interleave: bool = False     # DeepSeek stores rope dims as (x0, x1), (x2, x3), ... pairs
+    # rope
+    rope_theta: float = 10000.0
+    rope_type: str = "default"        # "default" or "yarn"
+    rope_parameters: dict = field(default_factory=dict)
+    # feed-forward and experts
+    intermediate_size: int = 0        # dense MLP width
+    moe_intermediate_size: int = 0    # routed expert width F
+    n_routed_experts: int = 0         # E
+    num_experts_per_tok: int = 0      # K
+    shared_intermediate_size: int = 0  # width of the shared expert(s); 0 = none
+    shared_expert_gate: bool = False  # Qwen2-MoE: shared expert scaled by sigmoid(shared_expert_gate(x))
+    moe_layers: list = field(default_factory=list)
+    # routing
+    scoring_func: str = "softmax"     # "softmax" (most) or "sigmoid" (DeepSeek-V3)
+    topk_method: str = "greedy"       # "greedy", "group_limited_greedy" (V2), "noaux_tc" (V3)
+    n_group: int = 1
+    topk_group: int = 1
+    norm_topk_prob: bool = False
+    routed_scaling_factor: float = 1.0
+    router_logits_fp32: bool = False  # DeepSeek computes router logits in fp32, the others in model dtype
+    router_weights_fp32: bool = True  # Qwen/OLMoE cast the top-k weights back to model dtype
+    # checkpoint format
+    fp8_block: tuple = (128, 128)     # DeepSeek-V3 FP8 weights: one scale per block of this shape
+
+    @property
+    def attn_head_dim(self):
+        return self.qk_nope_head_dim + self.qk_rope_head_dim if self.mla else self.head_dim
+
+
+def _first(d, *keys, default=None):
+    """The value of the first key present (and not null): checkpoints name some fields differently."""
+    for k in keys:
+        if d.get(k) is not None:
+            return d[k]
+    return default
+
+
+def config_from_hf(d):
+    """Map a Hugging Face config.json dict (legacy hub keys or transformers-5 keys) to ModelConfig."""
+    mt = d.get("model_type")
+    if mt not in SUPPORTED_MODEL_TYPES:
+        raise CheckpointError(f"model_type {mt!r} is not supported; supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
+    for key in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads"):
+        if not isinstance(d.get(key), int):
+            raise CheckpointError(f"config key {key!r} must be an integer, got {d.get(key)!r}")
+    L, H = d["num_hidden_layers"], d["num_attention_heads"]
+    c = ModelConfig(model_type=mt, vocab_size=d["vocab_size"], hidden_size=d["hidden_size"], num_hidden_layers=L,
+                    rms_norm_eps=d.get("rms_norm_eps", 1e-6), tie_word_embeddings=d.get("tie_word_embeddings", False),
+                    max_position_embeddings=d.get("max_position_embeddings", 4096),
+                    num_attention_heads=H, num_key_value_heads=d.get("num_key_value_heads") or H)
+    # rope: transformers 5 writes `rope_parameters`, the hub configs `rope_theta` + `rope_scaling`
+    rp = dict(d.get("rope_parameters") or d.get("rope_scaling") or {})
+    c.rope_theta = float(rp.get("rope_theta", d.get("rope_theta", 1e6 if mt == "mixtral" else 10000.0)))
+    c.rope_type = rp.get("rope_type", rp.get("type", "default"))
+    if c.rope_type not in ("default", "yarn"):
+        raise CheckpointError(f"rope type {c.rope_type!r} is not supported; supported: default, yarn")
+    rp.setdefault("original_max_position_embeddings", c.max_position_embeddings)
+    c.rope_parameters = rp
+    c.n_routed_experts = _first(d, "n_routed_experts", "num_experts", "num_local_experts", default=0)
+    c.num_experts_per_tok = d.get("num_experts_per_tok", 0)
+    c.intermediate_size = d.get("intermediate_size", 0)
+    c.moe_intermediate_size = d.get("moe_intermediate_size", c.intermediate_size)
+    c.norm_topk_prob = d.get("norm_topk_prob", False)
+
+    if mt in ("deepseek_v2", "deepseek_v3"):
+        c.mla, c.q_lora_rank, c.kv_lora_rank = True, d.get("q_lora_rank"), d["kv_lora_rank"]
+        c.qk_nope_head_dim, c.qk_rope_head_dim, c.v_head_dim = d["qk_nope_head_dim"], d["qk_rope_head_dim"], d["v_head_dim"]
+        c.qkv_bias = c.o_bias = d.get("attention_bias", False)
+        c.shared_intermediate_size = c.moe_intermediate_size * (d.get("n_shared_experts") or 0)
+        first_dense = d.get("first_k_dense_replace", 3 if mt == "deepseek_v3" else 0)
+        c.moe_layers = [l for l in range(L) if l >= first_dense] if c.n_routed_experts else []
+        c.router_logits_fp32 = True
+        c.n_group, c.topk_group = d.get("n_group") or 1, d.get("topk_group") or 1
+        c.routed_scaling_factor = d.get("routed_scaling_factor") or 1.0
+        if mt == "deepseek_v2":
+            c.rope_interleave = True
+            c.topk_method = d.get("topk_method") or "greedy"
+            # transformers (our oracle) ignores norm_topk_prob for V2; every published V2 config has it false
+            c.norm_topk_prob = False
+        else:
+            c.rope_interleave = d.get("rope_interleave", True)
+            c.scoring_func, c.topk_method = "sigmoid", "noaux_tc"
+            c.norm_topk_prob = d.get("norm_topk_prob", True)
+        if c.topk_method not in ("greedy", "group_limited_greedy", "noaux_tc"):
+            raise CheckpointError(f"topk_method {c.topk_method!r} is not supported")
+        block = (d.get("quantization_config") or {}).get("weight_block_size")
+        if block:
+            c.fp8_block = tuple(block)
+    else:
+        c.head_dim = d.get("head_dim") or c.hidden_size // H
+        c.router_weights_fp32 = mt == "mixtral"  # Mixtral keeps fp32 weights; Qwen/OLMoE cast back
+        if mt == "qwen2_moe":
+            c.qkv_bias = d.get("qkv_bias", True)
+            c.shared_intermediate_size = d.get("shared_expert_intermediate_size") or 0
+            c.shared_expert_gate = c.shared_intermediate_size > 0
+        elif mt == "qwen3_moe":
+            c.qkv_bias = c.o_bias = d.get("attention_bias", False)
+            c.qk_norm = "head"
+        elif mt == "olmoe":
+            c.qkv_bias = c.o_bias = d.get("attention_bias", False)
+            c.qk_norm, c.clip_qkv = "proj", d.get("clip_qkv")
+        elif mt == "mixtral":
+            c.norm_topk_prob = True  # Mixtral always renormalises its top-2
+        if mt in ("qwen2_moe", "qwen3_moe"):
+            # note l+1: with decoder_sparse_step 2, layers 1, 3, 5, ... are MoE
+            step, dense = d.get("decoder_sparse_step") or 1, set(d.get("mlp_only_layers") or [])
+            c.moe_layers = [l for l in range(L) if l not in dense and c.n_routed_experts > 0 and (l + 1) % step == 0]
+        else:
+            c.moe_layers = list(range(L))
+    if c.moe_layers and not 0 < c.num_experts_per_tok <= c.n_routed_experts:
+        raise CheckpointError(f"num_experts_per_tok {c.num_experts_per_tok} must be in 1..{c.n_routed_experts}")
+    if c.topk_method != "greedy" and c.n_routed_experts % c.n_group:
+        raise CheckpointError(f"n_routed_experts {c.n_routed_experts} is not divisible by n_group {c.n_group}")
+    return c
+
+
+# ----------------------------------------------------------------------------------------------
+# Building blocks: RMSNorm, rotary embeddings, attention (GQA and MLA), MLP
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps=1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        # normalise in fp32, cast back *before* the weight: the order transformers uses (matters in bf16)
+        x32 = x.float()
+        return self.weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+
+
+def rope_frequencies(cfg, dim):
+    """Inverse frequencies of the `dim` rotary dims and the cos/sin attention factor (YaRN or plain)."""
+    theta = cfg.rope_theta
+    base = 1.0 / theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)  # (dim/2,)
+    if cfg.rope_type != "yarn":
+        return base, 1.0
+    # YaRN: keep high-frequency dims, interpolate low-frequency ones by `factor`, ramp in between
+    p = cfg.rope_parameters
+    factor, L0 = p["factor"], p["original_max_position_embeddings"]
+    beta_fast, beta_slow = p.get("beta_fast") or 32, p.get("beta_slow") or 1
+
+    def dim_of(rotations):  # the rotary dim that turns `rotations` times over the original context
+        return dim * math.log(L0 / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+    low, high = dim_of(beta_fast), dim_of(beta_slow)
+    if p.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    inv_freq = base / factor * ramp + base * (1 - ramp)
+    factor_attn = p.get("attention_factor")
+    if factor_attn is None:
+        m, m_all = p.get("mscale"), p.get("mscale_all_dim")
+        factor_attn = yarn_mscale(factor, m) / yarn_mscale(factor, m_all) if m and m_all else yarn_mscale(factor)
+    return inv_freq, factor_attn
+
+
+def yarn_mscale(factor, mscale=1.0):
+    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
+
+
+def apply_rope(x, cos, sin, interleaved):
+    """Rotate x [B, H, T, d] by position. Half layout pairs (x_i, x_{i+d/2}); interleaved pairs (x_2i, x_2i+1)."""
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)  # (T, d/2)
+    if interleaved:
+        x1, x2 = x[..., 0::2], x[..., 1::2]
+        return torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+
+
+def attend(q, k, v, scale):
+    """Causal attention of q [B, H, T, hd] over k, v [B, H, S, hd] where the last T of S are the queries."""
+    T, S = q.shape[2], k.shape[2]
+    if T == S:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+    # a chunk after a cached prefix: query t sees keys 0 .. S-T+t
+    mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(diagonal=S - T)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+
+
+class KVCache:
+    """Keys and values of every layer for the tokens seen so far; `length` is the next token's position."""
+
+    def __init__(self):
+        self.keys, self.values, self.length = {}, {}, 0
+
+    def update(self, layer, k, v):  # k, v [B, H, T, hd] -> the whole history [B, H, S, hd]
+        if layer in self.keys:
+            k, v = torch.cat([self.keys[layer], k], dim=2), torch.cat([self.values[layer], v], dim=2)
+        self.keys[layer], self.values[layer] = k, v
+        return k, v
+
+
+class Attention(nn.Module):
+    """Grouped-query attention (Qwen2/3-MoE, OLMoE, Mixtral), with the optional q/k norms."""
+
+    def __init__(self, cfg, layer):
+        super().__init__()
+        self.layer, self.cfg = layer, cfg
+        H, KV, hd, D = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.hidden_size
+        self.q_proj = nn.Linear(D, H * hd, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(D, KV * hd, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(D, KV * hd, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(H * hd, D, bias=cfg.o_bias)
+        if cfg.qk_norm != "none":
+            per_head = cfg.qk_norm == "head"
+            self.q_norm = RMSNorm(hd if per_head else H * hd, cfg.rms_norm_eps)
+            self.k_norm = RMSNorm(hd if per_head else KV * hd, cfg.rms_norm_eps)
+
+    def forward(self, x, cos, sin, kv_cache=None):
+        cfg, (B, T, _) = self.cfg, x.shape
+        H, KV, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        if cfg.qk_norm == "proj":  # OLMoE: one norm over all heads' features, before splitting heads
+            q, k = self.q_norm(q), self.k_norm(k)
+        if cfg.clip_qkv is not None:
+            q, k, v = (t.clamp(-cfg.clip_qkv, cfg.clip_qkv) for t in (q, k, v))
+        q, k, v = q.view(B, T, H, hd), k.view(B, T, KV, hd), v.view(B, T, KV, hd)
+        if cfg.qk_norm == "head":  # Qwen3: a norm per head over hd, before rope
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H|KV, T, hd)
+        q, k = apply_rope(q, cos, sin, False), apply_rope(k, cos, sin, False)
+        if kv_cache is not None:
+            k, v = kv_cache.update(self.layer, k, v)  # (B, KV, S, hd)
+        # query head h reads key/value head h // (H/KV): repeat each KV head contiguously
+        k, v = k.repeat_interleave(H // KV, dim=1), v.repeat_interleave(H // KV, dim=1)
+        y = attend(q, k, v, hd ** -0.5)  # (B, H, T, hd)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, H * hd))
+
+
+class MLAttention(nn.Module):
+    """Multi-head latent attention (DeepSeek-V2/V3): keys and values come from a small latent c_kv,
+    plus one rotary key shared by all heads; queries optionally pass through their own low-rank latent."""
+
+    def __init__(self, cfg, layer):
+        super().__init__()
+        self.layer, self.cfg = layer, cfg
+        H, D, hd = cfg.num_attention_heads, cfg.hidden_size, cfg.attn_head_dim
+        if cfg.q_lora_rank is None:
+            self.q_proj = nn.Linear(D, H * hd, bias=False)
+        else:
+            self.q_a_proj = nn.Linear(D, cfg.q_lora_rank, bias=cfg.qkv_bias)
+            self.q_a_layernorm = RMSNorm(cfg.q_lora_rank)  # eps fixed at 1e-6, as in the reference code
+            self.q_b_proj = nn.Linear(cfg.q_lora_rank, H * hd, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(D, cfg.kv_lora_rank + cfg.qk_rope_head_dim, bias=cfg.qkv_bias)
+        self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank)
+        self.kv_b_proj = nn.Linear(cfg.kv_lora_rank, H * (cfg.qk_nope_head_dim + cfg.v_head_dim), bias=False)
+        self.o_proj = nn.Linear(H * cfg.v_head_dim, D, bias=cfg.o_bias)
+        # YaRN stretches attention logits too: softmax scale times mscale(factor, mscale_all_dim)^2
+        self.scale = hd ** -0.5
+        m_all = cfg.rope_parameters.get("mscale_all_dim")
+        if cfg.rope_type == "yarn" and m_all:
+            self.scale *= yarn_mscale(cfg.rope_parameters["factor"], m_all) ** 2
+
+    def forward(self, x, cos, sin, kv_cache=None):
+        cfg, (B, T, _) = self.cfg, x.shape
+        H, dn, dr, dv = cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
+        q = self.q_proj(x) if cfg.q_lora_rank is None else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        q = q.view(B, T, H, dn + dr).transpose(1, 2)  # (B, H, T, dn+dr)
+        q_nope, q_pe = q.split([dn, dr], dim=-1)
+        latent, k_pe = self.kv_a_proj_with_mqa(x).split([cfg.kv_lora_rank, dr], dim=-1)
+        kv = self.kv_b_proj(self.kv_a_layernorm(latent)).view(B, T, H, dn + dv).transpose(1, 2)
+        k_nope, v = kv.split([dn, dv], dim=-1)  # (B, H, T, dn), (B, H, T, dv)
+        q_pe = apply_rope(q_pe, cos, sin, cfg.rope_interleave)
+        k_pe = apply_rope(k_pe.view(B, 1, T, dr), cos, sin, cfg.rope_interleave)  # one rope key for all heads
+        q = torch.cat([q_nope, q_pe], dim=-1)
+        k = torch.cat([k_nope, k_pe.expand(B, H, T, dr)], dim=-1)  # (B, H, T, dn+dr)
+        if kv_cache is not None:  # for readability we cache the expanded k, v rather than the latent
+            k, v = kv_cache.update(self.layer, k, v)
+        y = attend(q, k, v, self.scale)  # (B, H, T, dv)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, H * dv))
+
+
+class MLP(nn.Module):
+    """SwiGLU feed-forward: the dense FFN, each routed expert and the shared experts all have this form."""
+
+    def __init__(self, dim, hidden):
+        super().__init__()
+        self.gate_proj = nn.Linear(dim, hidden, bias=False)
+        self.up_proj = nn.Linear(dim, hidden, bias=False)
+        self.down_proj = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+# ----------------------------------------------------------------------------------------------
+# The router (`gate`) and the MoE layer
+
+class Routing(NamedTuple):
+    """One MoE layer's decisions for every token: what router.py learns from and cache.py replays."""
+    layer: int             # decoder layer index
+    indices: torch.Tensor  # (B, T, K) chosen expert ids
+    weights: torch.Tensor  # (B, T, K) their combine weights
+    scores: torch.Tensor   # (B, T, E) router scores: softmax probabilities, or sigmoid scores (V3)
+
+
+class Gate(nn.Module):
+    """The router: scores every expert for every token and picks K of them. The only module ReMoE trains."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        self.weight = nn.Parameter(torch.empty(cfg.n_routed_experts, cfg.hidden_size))
+        if cfg.topk_method == "noaux_tc":
+            # DeepSeek-V3's load-balancing bias: shifts which experts are chosen, never their weights
+            self.register_buffer("e_score_correction_bias", torch.zeros(cfg.n_routed_experts, dtype=torch.float32))
+
+    def forward(self, x):  # x (N, D) -> indices (N, K), weights (N, K), scores (N, E)
+        cfg = self.cfg
+        if cfg.router_logits_fp32:
+            logits = F.linear(x.float(), self.weight.float())
+        else:
+            logits = F.linear(x, self.weight).float()
+        scores = logits.sigmoid() if cfg.scoring_func == "sigmoid" else logits.softmax(dim=-1)  # (N, E)
+        choice = scores
+        if cfg.topk_method == "noaux_tc":
+            choice = scores + self.e_score_correction_bias
+        if cfg.topk_method in ("group_limited_greedy", "noaux_tc"):
+            # experts form n_group contiguous groups; only the topk_group best groups may be chosen
+            grouped = choice.view(-1, cfg.n_group, cfg.n_routed_experts // cfg.n_group)  # (N, G, E/G)
+            if cfg.topk_method == "noaux_tc":
+                group_score = grouped.topk(2, dim=-1).values.sum(dim=-1)  # V3: sum of each group's best two
+            else:
+                group_score = grouped.max(dim=-1).values  # V2: each group's best expert
+            keep = group_score.topk(cfg.topk_group, dim=-1).indices  # (N, topk_group)
+            keep = torch.zeros_like(group_score, dtype=torch.bool).scatter_(1, keep, True)
+            dropped = (~keep).unsqueeze(-1).expand_as(grouped).reshape_as(choice)  # (N, E)
+            choice = choice.masked_fill(dropped, float("-inf") if cfg.topk_method == "noaux_tc" else 0.0)
+        indices = choice.topk(cfg.num_experts_per_tok, dim=-1).indices  # (N, K), best first
+        weights = scores.gather(-1, indices)  # the unbiased scores of the chosen experts
+        if cfg.norm_topk_prob:
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        weights = weights * cfg.routed_scaling_factor
+        if not cfg.router_weights_fp32:
+            weights = weights.to(x.dtype)
+        return indices, weights, scores
+
+
+def run_experts(x, indices, weights, experts):
+    """Reference MoE combine: y_t = sum_j w_tj * expert_{i_tj}(x_t), looping over the experts that
+    received tokens (in ascending id order), each running once on all of its tokens.
+    x (N, D), indices and weights (N, K), experts indexable by id."""
+    y = torch.zeros_like(x)
+    for e in indices.unique().tolist():
+        token, slot = torch.where(indices == e)  # which tokens chose e, and in which of their K slots
+        out = experts[e](x[token]) * weights[token, slot, None]  # (n_e, D)
+        y.index_add_(0, token, out.to(x.dtype))
+    return y
+
+
+class MoE(nn.Module):
+    """Router + routed experts + shared experts. Module names equal the checkpoint's tensor names."""
+
+    def __init__(self, cfg, layer, experts_on_disk=False):
+        super().__init__()
+        self.layer, self.cfg = layer, cfg
+        D = cfg.hidden_size
+        self.gate = Gate(cfg)
+        # with experts_on_disk the list stays empty: offload_infer.py reads experts from the files itself
+        self.experts = nn.ModuleList(
+            [] if experts_on_disk else [MLP(D, cfg.moe_intermediate_size) for _ in range(cfg.n_routed_experts)])
+        if cfg.shared_expert_gate:  # Qwen2-MoE: one wide shared expert with a per-token sigmoid gate
+            self.shared_expert = MLP(D, cfg.shared_intermediate_size)
+            self.shared_expert_gate = nn.Linear(D, 1, bias=False)
+        elif cfg.shared_intermediate_size:  # DeepSeek: n_shared_experts fused into one MLP
+            self.shared_experts = MLP(D, cfg.shared_intermediate_size)
+
+    def shared(self, x):
+        """The always-on part of the layer (zero when the architecture has none)."""
+        if self.cfg.shared_expert_gate:
+            return torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
+        if self.cfg.shared_intermediate_size:
+            return self.shared_experts(x)
+        return torch.zeros_like(x)
+
+    def forward(self, x):  # x (B, T, D)
+        B, T, D = x.shape
+        flat = x.reshape(B * T, D)
+        indices, weights, scores = self.gate(flat)
+        if len(self.experts) == 0:
+            raise RuntimeError("routed experts were left on disk (experts_on_disk=True); decode with offload_infer.py")
+        y = run_experts(flat, indices, weights, self.experts) + self.shared(flat)
+        K = indices.shape[-1]
+        routing = Routing(self.layer, indices.view(B, T, K), weights.view(B, T, K), scores.view(B, T, -1))
+        return y.view(B, T, D), routing
+
+
+class Block(nn.Module):
+    def __init__(self, cfg, layer, experts_on_disk=False):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = MLAttention(cfg, layer) if cfg.mla else Attention(cfg, layer)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        is_moe = layer in cfg.moe_layers
+        self.mlp = MoE(cfg, layer, experts_on_disk) if is_moe else MLP(cfg.hidden_size, cfg.intermediate_size)
+
+    def forward(self, x, cos, sin, kv_cache=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv_cache)
+        h = self.post_attention_layernorm(x)
+        if isinstance(self.mlp, MoE):
+            h, routing = self.mlp(h)
+            return x + h, routing
+        return x + self.mlp(h), None
+
+
+class Decoder(nn.Module):
+    """Holds the tensors under `model.` in the checkpoint: embeddings, layers, final norm."""
+
+    def __init__(self, cfg, experts_on_disk=False):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList([Block(cfg, l, experts_on_disk) for l in range(cfg.num_hidden_layers)])
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg, experts_on_disk=False):
+        super().__init__()
+        self.config = cfg
+        self.model = Decoder(cfg, experts_on_disk)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def rope(self, start, T, device):
+        """cos, sin (T, rope_dim/2) for positions start .. start+T-1, computed in fp32."""
+        cfg = self.config
+        inv_freq, factor = rope_frequencies(cfg, cfg.qk_rope_head_dim if cfg.mla else cfg.head_dim)
+        pos = torch.arange(start, start + T, dtype=torch.float32)
+        freqs = torch.outer(pos, inv_freq).to(device)  # (T, rope_dim/2)
+        return freqs.cos() * factor, freqs.sin() * factor
+
+    def forward(self, input_ids, return_routing=False, kv_cache=None):
+        """input_ids (B, T) -> logits (B, T, V), and with return_routing a list of Routing, one per MoE layer."""
+        start = kv_cache.length if kv_cache is not None else 0
+        cos, sin = self.rope(start, input_ids.shape[1], input_ids.device)
+        x = self.model.embed_tokens(input_ids)  # (B, T, D)
+        routing = []
+        for block in self.model.layers:
+            x, r = block(x, cos, sin, kv_cache)
+            if r is not None:
+                routing.append(r)
+        logits = self.lm_head(self.model.norm(x))
+        if kv_cache is not None:
+            kv_cache.length += input_ids.shape[1]
+        return (logits, routing) if return_routing else logits
+
+
+def build_model(config, experts_on_disk=False):
+    """A Transformer from a config.json dict (or ModelConfig), on the current default device."""
+    cfg = config if isinstance(config, ModelConfig) else config_from_hf(config)
+    return Transformer(cfg, experts_on_disk)
+
+
+# ----------------------------------------------------------------------------------------------
+# Safetensors, read directly: the header gives every tensor's dtype, shape and byte range, so a
+# tensor is a zero-copy view of the memory-mapped file (cache.py's expert store reads the same way)
+
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+
+
+class TensorInfo(NamedTuple):
+    file: Path
+    dtype: torch.dtype
+    shape: tuple
+    start: int  # absolute byte offset in the file
+    end: int
+
+
+def read_safetensors_header(path):
+    """{name: TensorInfo} from one .safetensors file, checking that every byte range lies in the file."""
+    path = Path(path)
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) < 8:
+            raise CheckpointError(f"{path}: truncated safetensors file ({size} bytes, no header)")
+        n = struct.unpack("<Q", raw)[0]
+        if n > size - 8:
+            raise CheckpointError(f"{path}: corrupted or truncated safetensors header (claims {n} bytes, file has {size})")
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise CheckpointError(f"{path}: corrupted safetensors header ({e})") from None
+    infos = {}
+    for name, meta in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype, shape, (a, b) = SAFETENSORS_DTYPES[meta["dtype"]], tuple(meta["shape"]), meta["data_offsets"]
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointError(f"{path}: corrupted safetensors header entry for {name!r}") from None
+        if 8 + n + b > size:
+            raise CheckpointError(f"{path}: truncated safetensors file: tensor {name!r} ends at byte {8 + n + b}, "
+                                  f"file has {size}")
+        if b - a != math.prod(shape) * dtype.itemsize:
+            raise CheckpointError(f"{path}: corrupted safetensors header: {name!r} has {b - a} bytes for shape {list(shape)}")
+        infos[name] = TensorInfo(path, dtype, shape, 8 + n + a, 8 + n + b)
+    return infos
+
+
+class MappedFiles:
+    """Memory maps of the checkpoint's files, opened once; tensors are views into them."""
+
+    def __init__(self):
+        self.maps = {}
+
+    def tensor(self, info):
+        if info.file not in self.maps:
+            with open(info.file, "rb") as f:
+                # copy-on-write map: tensors may be written to (e.g. the router while training) without touching the file
+                self.maps[info.file] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+        count = math.prod(info.shape)
+        if count == 0:
+            return torch.empty(info.shape, dtype=info.dtype)
+        return torch.frombuffer(self.maps[info.file], dtype=info.dtype, count=count, offset=info.start).view(info.shape)
+
+
+def checkpoint_tensors(path):
+    """{name: TensorInfo} for a checkpoint folder: one model.safetensors, or the shards of the index."""
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{index}: expected JSON with a 'weight_map' object ({e})") from None
+        infos = {}
+        for shard in sorted(set(weight_map.values())):
+            if not (path / shard).is_file():
+                raise CheckpointError(f"{index}: shard {shard!r} is named in weight_map but missing from {path}")
+            header = read_safetensors_header(path / shard)
+            for name, file in weight_map.items():
+                if file == shard:
+                    if name not in header:
+                        raise CheckpointError(f"{path / shard}: tensor {name!r} listed in the index is not in the shard")
+                    infos[name] = header[name]
+        return infos
+    single = path / "model.safetensors"
+    if not single.is_file():
+        raise CheckpointError(f"{path}: no model.safetensors or model.safetensors.index.json")
+    return read_safetensors_header(single)
+
+
+# Where a module name differs from the checkpoint's tensor name: one table per architecture.
+RENAMES = {
+    "mixtral": [(".block_sparse_moe.", ".mlp."), (".w1.", ".gate_proj."), (".w3.", ".up_proj."), (".w2.", ".down_proj.")],
+}
+
+
+def module_name(cfg, disk_name):
+    for disk, mod in RENAMES.get(cfg.model_type, []):
+        disk_name = disk_name.replace(disk, mod)
+    return disk_name
+
+
+def disk_name(cfg, module_name):
+    for disk, mod in RENAMES.get(cfg.model_type, []):
+        module_name = module_name.replace(mod, disk)
+    return module_name
+
+
+def is_routed_expert(name):
+    return ".mlp.experts." in name or ".block_sparse_moe.experts." in name
+
+
+def dequantize_fp8(w, scale_inv, block):
+    """DeepSeek-V3 FP8: W = W_fp8 * s[i // bo, j // bi], one fp32 scale per (bo, bi) block (edges partial)."""
+    bo, bi = block
+    s = scale_inv.float().repeat_interleave(bo, 0)[: w.shape[0]].repeat_interleave(bi, 1)[:, : w.shape[1]]
+    return w.float() * s
+
+
+def read_config(path):
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: model folder does not exist")
+    cfg_file = path / "config.json"
+    if not cfg_file.is_file():
+        raise CheckpointError(f"{path}: no config.json in the model folder")
+    try:
+        d = json.loads(cfg_file.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{cfg_file}: not valid JSON ({e})") from None
+    try:
+        return config_from_hf(d)
+    except CheckpointError as e:
+        raise CheckpointError(f"{cfg_file}: {e}") from None
+    except (KeyError, TypeError) as e:
+        raise CheckpointError(f"{cfg_file}: missing or malformed key {e}") from None
+
+
+def load_model(path, device="cpu", dtype=torch.float32, experts_on_disk=False):
+    """Build the model on the meta device, then fill it from memory-mapped safetensors, checking that
+    the checkpoint has exactly the tensors the config implies, each with the right shape."""
+    path = Path(path)
+    cfg = read_config(path)
+    with torch.device("meta"):
+        model = Transformer(cfg, experts_on_disk)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    infos = checkpoint_tensors(path)
+    files, state = MappedFiles(), {}
+    for name, info in infos.items():
+        parts = name.split(".")
+        if name.endswith("_scale_inv") or name.endswith("rotary_emb.inv_freq"):
+            continue  # FP8 scales are used with their weight; rotary buffers are recomputed
+        if name.startswith("model.layers.") and int(parts[2]) >= cfg.num_hidden_layers:
+            continue  # DeepSeek-V3's multi-token-prediction layer (61) is not part of the decoder
+        if experts_on_disk and is_routed_expert(name):
+            continue
+        key = module_name(cfg, name)
+        if key not in expected:
+            raise CheckpointError(f"{info.file}: unexpected tensor {name!r} for a {cfg.model_type} model with this config")
+        if info.shape != expected[key]:
+            raise CheckpointError(f"{info.file}: tensor {name!r} has shape {list(info.shape)}, "
+                                  f"config implies {list(expected[key])}")
+        t = files.tensor(info)
+        if t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+            scale = infos.get(name + "_scale_inv")
+            if scale is None:
+                raise CheckpointError(f"{info.file}: FP8 tensor {name!r} has no {name + '_scale_inv'!r}")
+            t = dequantize_fp8(t, files.tensor(scale), cfg.fp8_block)
+        keep_fp32 = name.endswith("e_score_correction_bias")  # tiny, and used for exact comparisons
+        state[key] = t.to(device=device, dtype=torch.float32 if keep_fp32 else dtype)
+    if cfg.tie_word_embeddings and "lm_head.weight" not in state and "model.embed_tokens.weight" in state:
+        state["lm_head.weight"] = state["model.embed_tokens.weight"]
+    missing = [k for k in expected if k not in state]
+    if missing:
+        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+        raise CheckpointError(f"{path}: missing tensor {disk_name(cfg, missing[0])!r}{more}")
+    model.load_state_dict(state, assign=True, strict=True)
+    return model.eval()
+
+
+def load_tokenizer(path):
+    """The checkpoint's tokenizer.json as a `tokenizers.Tokenizer`, or None when there is none."""
+    f = Path(path) / "tokenizer.json"
+    if not f.is_file():
+        return None
+    from tokenizers import Tokenizer
+    try:
+        return Tokenizer.from_file(str(f))
+    except Exception as e:  # tokenizers raises a bare Exception on malformed files
+        raise CheckpointError(f"{f}: not a valid tokenizer.json ({str(e).splitlines()[0]})") from None
+
+
+# ----------------------------------------------------------------------------------------------
+# Generation
+
+def sample_next(logits, temperature=0.0, top_p=1.0, generator=None):
+    """Next token ids (B, 1) from last-position logits (B, V): greedy at temperature 0, else nucleus sampling."""
+    if temperature <= 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    sorted_p, order = probs.sort(dim=-1, descending=True)
+    # keep the smallest prefix whose mass reaches top_p (the first token always stays)
+    outside = sorted_p.cumsum(dim=-1) - sorted_p >= top_p
+    sorted_p = sorted_p.masked_fill(outside, 0.0)
+    choice = torch.multinomial(sorted_p, 1, generator=generator)
+    return order.gather(-1, choice)
+
+
+@torch.no_grad()
+def generate(model, input_ids, max_new_tokens, temperature=0.0, top_p=1.0, generator=None):
+    """Prefill the prompt once, then decode one token at a time with the KV cache. Returns (B, T+new)."""
+    cache = KVCache()
+    logits = model(input_ids, kv_cache=cache)[:, -1]
+    tokens = [input_ids]
+    for i in range(max_new_tokens):
+        nxt = sample_next(logits, temperature, top_p, generator)
+        tokens.append(nxt)
+        if i + 1 < max_new_tokens:
+            logits = model(nxt, kv_cache=cache)[:, -1]
+    return torch.cat(tokens, dim=1)
+
+
+def count_parameters(model):
+    """(total, active per token): active counts K of E routed experts in every MoE layer."""
+    cfg = model.config
+    total = sum(p.numel() for p in model.parameters())
+    expert = 3 * cfg.hidden_size * cfg.moe_intermediate_size
+    inactive = len(cfg.moe_layers) * (cfg.n_routed_experts - cfg.num_experts_per_tok) * expert
+    return total, total - inactive
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line: a summary of a checkpoint, a short generation, or a decode benchmark
+
+def bench_decode(model, path, prompt_ids, new_tokens):
+    """Decode tokens/s of this model and of transformers' generate on the same checkpoint, side by side."""
+    def timed(fn):
+        fn(2)  # warm-up
+        t0 = time.perf_counter()
+        fn(new_tokens)
+        return new_tokens / (time.perf_counter() - t0)
+
+    ours = timed(lambda n: generate(model, prompt_ids, n))
+    print(f"remoe model.py   : {ours:8.1f} tokens/s")
+    try:
+        from transformers import AutoModelForCausalLM
+    except ImportError:
+        print("transformers      : not installed, skipped (pip install transformers)")
+        return
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    mask = torch.ones_like(prompt_ids)
+    with torch.no_grad():
+        theirs = timed(lambda n: hf.generate(prompt_ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
+                                             do_sample=False, pad_token_id=0))
+    print(f"transformers     : {theirs:8.1f} tokens/s")
+    print(f"ratio            : {ours / theirs:8.2f}x (float32, batch 1, {torch.get_num_threads()} threads)")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Load a MoE checkpoint with model.py and summarise, generate or benchmark it.")
+    p.add_argument("--model", default="runs/default/base", help="checkpoint folder in Hugging Face layout")
+    p.add_argument("--prompt", default=None, help="text to continue (needs tokenizer.json in the folder)")
+    p.add_argument("--max-new-tokens", type=int, default=40, help="tokens to generate after --prompt")
+    p.add_argument("--bench", action="store_true", help="decode tokens/s against transformers' generate")
+    p.add_argument("--bench-tokens", type=int, default=64, help="tokens decoded per timed run in --bench")
+    args = p.parse_args(argv)
+    try:
+        t0 = time.perf_counter()
+        model = load_model(args.model)
+        tok = load_tokenizer(args.model)
+    except CheckpointError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    cfg = model.config
+    total, active = count_parameters(model)
+    print(f"{args.model}: {cfg.model_type}, {cfg.num_hidden_layers} layers ({len(cfg.moe_layers)} MoE), "
+          f"{cfg.n_routed_experts} experts top-{cfg.num_experts_per_tok}, {total:,} parameters "
+          f"({active:,} active), loaded in {time.perf_counter() - t0:.2f}s")
+    if args.prompt is not None or args.bench:
+        if tok is None:
+            print(f"error: {args.model}: no tokenizer.json to encode the prompt", file=sys.stderr)
+            sys.exit(2)
+        ids = torch.tensor([tok.encode(args.prompt or "def main():").ids])
+        if args.bench:
+            bench_decode(model, args.model, ids, args.bench_tokens)
+        else:
+            out = generate(model, ids, args.max_new_tokens)
+            print(tok.decode(out[0].tolist()))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,455 @@
+"""Data: from a text corpus to the token windows a language model trains and evaluates on.
+
+What it teaches, top to bottom:
+  1. read a corpus (by default the Python standard library's own sources: real text that is the
+     same on every machine with the same Python) and split it *by document* with a stable hash,
+     so no file is ever in two of train / val / test;
+  2. train a byte-level BPE tokenizer on the train split (GPT-2's scheme, Radford et al. 2019:
+     every byte is a token to start with, so any string round-trips exactly), or use the
+     `tokenizer.json` a checkpoint ships;
+  3. tokenize each split once into a flat array of ids, documents separated by an end-of-text
+     token, and cache it on disk as a numpy memmap (as nanoGPT's `prepare.py` does);
+  4. cut training batches as random windows and evaluation batches as fixed, evenly spaced ones.
+
+What it leaves out: corpora larger than memory, attention masks at document boundaries (a window
+may straddle two documents, as in GPT-2 training), and deduplication.
+
+Shape legend: B batch size, T sequence length (a window holds T + 1 ids: input [:, :-1],
+target [:, 1:]), N evaluation windows.
+
+Examples:
+    python data.py                                    # stdlib corpus on CPU, ~25 s first run
+    python data.py --data notes/ --glob "**/*.md" --out runs/notes/data
+    python data.py --data corpus.jsonl --vocab-size 4096 --out runs/jsonl/data
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+import sysconfig
+import tempfile
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import BinaryIO, Iterator
+
+import numpy as np
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tqdm import tqdm
+
+EOT = "<|endoftext|>"  # document separator, GPT-2's name for it
+SPLITS = ("train", "val", "test")
+Document = tuple[str, str]  # (name, text)
+ENCODE_BATCH_DOCS = 256  # documents per encode_batch call: big enough to keep all cores busy
+
+
+class DataError(ValueError):
+    """Bad user input. The message is one line: the file, key or value, and what was expected."""
+
+
+@dataclass
+class DataConfig:
+    data: str | None = None  # None: the Python standard library; else a text file, folder or .jsonl
+    glob: str = "**/*"  # which files of a --data folder to read
+    vocab_size: int = 8192  # BPE vocabulary when we train the tokenizer ourselves
+    val_fraction: float = 0.05
+    test_fraction: float = 0.05
+    chunk_chars: int = 2000  # a single --data file is cut into documents of about this size
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading and splitting a corpus
+
+
+@dataclass
+class Corpus:
+    train: list[Document]
+    val: list[Document]
+    test: list[Document]
+    skipped: dict[str, int] = field(default_factory=dict)  # reason -> number of files or lines
+    source: str = "stdlib"
+
+    @cached_property
+    def fingerprint(self) -> str:
+        """Hash of every split's names and texts: the key of everything derived from the corpus."""
+        h = hashlib.blake2b(digest_size=16)
+        for split in SPLITS:
+            for name, text in getattr(self, split):
+                h.update(f"{split}\0{name}\0".encode())
+                h.update(text.encode())
+        return h.hexdigest()
+
+
+def split_of(name: str, cfg: DataConfig) -> str:
+    """Which split a document belongs to, from a stable hash of its name alone.
+
+    Python's `hash` is salted per process, so we use blake2b: the same name lands in the same
+    split on every run and machine, and adding a file never moves the others.
+    """
+    u = int.from_bytes(hashlib.blake2b(name.encode(), digest_size=8).digest(), "big") / 2**64
+    if u < cfg.test_fraction:
+        return "test"
+    return "val" if u < cfg.test_fraction + cfg.val_fraction else "train"
+
+
+def stdlib_files() -> list[tuple[str, Path]]:
+    """The stdlib's *.py files as sorted (relative posix path, path), without site-packages."""
+    root, files = Path(sysconfig.get_paths()["stdlib"]), []
+    for folder, subfolders, names in os.walk(root):
+        # site-packages holds third-party code that differs between machines; don't even walk it.
+        subfolders[:] = [d for d in subfolders if d != "site-packages"]
+        paths = [Path(folder, n) for n in names if n.endswith(".py")]
+        files += [(p.relative_to(root).as_posix(), p) for p in paths]
+    return sorted(files)
+
+
+def read_text(path: Path) -> tuple[str | None, str | None]:
+    """(text, None) for a usable text file, else (None, why it was skipped)."""
+    try:
+        raw = path.read_bytes()
+    except OSError:  # permission denied, a broken link, a file removed while we read
+        return None, "unreadable"
+    if b"\0" in raw:  # text encodings used in practice never contain NUL bytes; binaries do
+        return None, "binary"
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return None, "not_utf8"
+    return (text, None) if text.strip() else (None, "empty")
+
+
+def read_jsonl(path: Path, skipped: dict[str, int]) -> list[Document]:
+    """One document per line from its 'text' field; a malformed line stops us with its number."""
+    docs = []
+    with open(path, encoding="utf-8-sig") as f:  # -sig: tolerate a byte-order mark
+        try:
+            lines = list(f)
+        except UnicodeDecodeError as e:
+            raise DataError(f"{path}: not UTF-8 (byte {e.start}); expected UTF-8 JSON lines")
+    for lineno, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg}); expected one object per line")
+        if not isinstance(record, dict) or "text" not in record:
+            got = f"keys {sorted(record)}" if isinstance(record, dict) else type(record).__name__
+            raise DataError(f"{path}:{lineno}: expected an object with a 'text' key, got {got}")
+        if not isinstance(record["text"], str):
+            got = type(record["text"]).__name__
+            raise DataError(f"{path}:{lineno}: 'text' is {got}, expected a string")
+        if record["text"].strip():
+            docs.append((f"{path.name}:{lineno}", record["text"]))
+        else:
+            skipped["empty"] = skipped.get("empty", 0) + 1
+    return docs
+
+
+def chunk_text(text: str, chunk_chars: int) -> list[str]:
+    """Cut one long text into pieces at blank lines once a piece holds `chunk_chars` characters.
+
+    A text without blank lines is cut at any line break once a piece is 4x too long. The pieces
+    concatenate back to the text exactly.
+    """
+    pieces, lines, size = [], [], 0
+    for line in text.splitlines(keepends=True):
+        lines.append(line)
+        size += len(line)
+        if size >= chunk_chars and (not line.strip() or size >= 4 * chunk_chars):
+            pieces.append("".join(lines))
+            lines, size = [], 0
+    return pieces + (["".join(lines)] if lines else [])
+
+
+def load_corpus(cfg: DataConfig) -> Corpus:
+    """Read the documents of `cfg.data` (default: the stdlib), skipping unusable files, and split them."""
+    skipped: dict[str, int] = {}
+    docs: list[Document] = []
+
+    def add_files(named_paths: list[tuple[str, Path]]) -> None:
+        # disable=None: the bar shows on a terminal and stays out of logs and tests.
+        for name, path in tqdm(named_paths, "reading", unit="file", file=sys.stderr, disable=None):
+            text, why = read_text(path)
+            if why:
+                skipped[why] = skipped.get(why, 0) + 1
+            else:
+                docs.append((name, text))
+
+    if cfg.data is None:
+        source = f"python {sys.version_info.major}.{sys.version_info.minor} stdlib"
+        add_files(stdlib_files())
+    else:
+        root = Path(cfg.data)
+        source = str(root)
+        if not root.exists():
+            raise DataError(f"--data path '{root}' does not exist; "
+                            "expected a text file, a folder or a .jsonl file")
+        if root.is_dir():
+            files = [(p.relative_to(root).as_posix(), p) for p in root.glob(cfg.glob) if p.is_file()]
+            if not files:
+                raise DataError(f"no files match --glob '{cfg.glob}' under '{root}'")
+            add_files(sorted(files))
+        elif root.suffix == ".jsonl":
+            docs = read_jsonl(root, skipped)
+        else:  # one file: cut it into documents so that it can still be split three ways
+            add_files([(root.name, root)])
+            docs = [(f"{name}#{i}", piece) for name, text in docs
+                    for i, piece in enumerate(chunk_text(text, cfg.chunk_chars))]
+
+    splits: dict[str, list[Document]] = {s: [] for s in SPLITS}
+    for name, text in docs:
+        splits[split_of(name, cfg)].append((name, text))
+    if not splits["train"]:
+        why = ", ".join(f"{k}={v}" for k, v in sorted(skipped.items())) or "none"
+        raise DataError(f"no usable text for the train split in '{source}' "
+                        f"({len(docs)} documents, skipped: {why}); expected more text")
+    return Corpus(**splits, skipped=skipped, source=source)
+
+
+# ----------------------------------------------------------------------------------------------
+# Tokenizer
+
+
+@contextmanager
+def atomic_write(path: Path) -> Iterator[BinaryIO]:
+    """A temp file beside `path`, renamed onto it only when the block completes.
+
+    A crash or Ctrl-C mid-write so never leaves a half-written tokenizer or cache to be trusted.
+    """
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            yield f
+        os.chmod(tmp, 0o644)  # mkstemp creates files readable by their owner only
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def train_tokenizer(texts: list[str], vocab_size: int) -> Tokenizer:
+    """Byte-level BPE: the 256 byte symbols plus merges learned from `texts`, plus EOT.
+
+    On the stdlib train split (28 MB) training takes 4-10 s on 2 busy cores (it is multithreaded),
+    so we train on all of it rather than on a subset.
+    """
+    tok = Tokenizer(models.BPE())
+    # Why byte-level: text becomes bytes before merging and back after, so decode(encode(s)) == s
+    # for any string. use_regex keeps GPT-2's split into words, numbers and punctuation runs.
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[EOT],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # all 256 bytes, even unseen ones
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer, length=len(texts))
+    return tok
+
+
+def load_or_train_tokenizer(
+    folder: Path, corpus: Corpus, vocab_size: int, checkpoint: Path | None = None
+) -> Tokenizer:
+    """A checkpoint's `tokenizer.json` if given; else ours, trained once per corpus and vocab size.
+
+    Ours is saved as `folder/tokenizer.json`; `tokenizer.key` beside it records what it was
+    trained on, so a changed corpus or vocab size retrains instead of reusing a stale one.
+    """
+    if checkpoint is not None:
+        path = Path(checkpoint) / "tokenizer.json"
+        if not path.is_file():
+            raise DataError(f"'{path}' not found; expected the checkpoint to ship tokenizer.json")
+        return Tokenizer.from_file(str(path))
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    path, key_path = folder / "tokenizer.json", folder / "tokenizer.key"
+    key = f"corpus={corpus.fingerprint} vocab_size={vocab_size}"
+    if path.is_file() and key_path.is_file() and key_path.read_text() == key:
+        return Tokenizer.from_file(str(path))
+    tok = train_tokenizer([text for _, text in corpus.train], vocab_size)
+    with atomic_write(path) as f:
+        f.write(tok.to_str().encode())
+    with atomic_write(key_path) as f:  # written last: it vouches for a complete tokenizer.json
+        f.write(key.encode())
+    return tok
+
+
+def separator_id(tok: Tokenizer, checkpoint: Path | None = None) -> int:
+    """Id of the document separator: EOT, or `eos_token` from a checkpoint's tokenizer_config.json."""
+    name = EOT
+    config = Path(checkpoint) / "tokenizer_config.json" if checkpoint is not None else None
+    if config is not None and config.is_file():
+        eos = json.loads(config.read_text()).get("eos_token") or EOT
+        name = eos["content"] if isinstance(eos, dict) else eos
+    token_id = tok.token_to_id(name)
+    if token_id is None:
+        raise DataError(f"tokenizer has no token {name!r}; expected it as the document separator")
+    return token_id
+
+
+# ----------------------------------------------------------------------------------------------
+# Token ids, cached on disk
+
+
+def id_dtype(tok: Tokenizer) -> type:
+    # Half the disk and page cache of uint32 whenever every id fits in 16 bits.
+    return np.uint16 if tok.get_vocab_size(with_added_tokens=True) < 2**16 else np.uint32
+
+
+def encode_documents(tok: Tokenizer, texts: list[str], eot_id: int, f: BinaryIO) -> int:
+    """Write the ids of each text, each followed by `eot_id`, to `f`; return how many."""
+    dtype, n = id_dtype(tok), 0
+    starts = range(0, len(texts), ENCODE_BATCH_DOCS)
+    for i in tqdm(starts, desc="tokenizing", unit="batch", file=sys.stderr, disable=None):
+        # encode_batch_fast: multithreaded, and skips the character offsets we do not need.
+        # add_special_tokens=False: a checkpoint's post-processor would add BOS to every text.
+        for enc in tok.encode_batch_fast(texts[i : i + ENCODE_BATCH_DOCS], add_special_tokens=False):
+            ids = np.array(enc.ids + [eot_id], dtype=dtype)
+            ids.tofile(f)
+            n += len(ids)
+    return n
+
+
+def token_ids(corpus: Corpus, split: str, tok: Tokenizer, *, eot_id: int, folder: Path) -> np.ndarray:
+    """All ids of one split as a read-only memmap, tokenized on the first call only.
+
+    The cache file is named by a hash of (corpus fingerprint, split, tokenizer, separator), so a
+    change to any of them makes a new file instead of reading stale ids.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    dtype = id_dtype(tok)
+    tok_hash = hashlib.blake2b(tok.to_str().encode()).hexdigest()
+    key = hashlib.blake2b(f"{corpus.fingerprint}|{split}|{tok_hash}|{eot_id}".encode(), digest_size=8)
+    path = folder / f"{split}-{key.hexdigest()}.{np.dtype(dtype).name}.bin"
+    if not path.is_file():
+        with atomic_write(path) as f:
+            encode_documents(tok, [text for _, text in getattr(corpus, split)], eot_id, f)
+    if path.stat().st_size == 0:  # an empty split; mmap refuses empty files
+        return np.zeros(0, dtype=dtype)
+    return np.memmap(path, dtype=dtype, mode="r")
+
+
+@dataclass
+class TokenData:
+    train: np.ndarray
+    val: np.ndarray
+    test: np.ndarray
+    vocab_size: int
+    eot_id: int
+
+
+def prepare_data(
+    cfg: DataConfig, folder: Path, checkpoint: Path | None = None
+) -> tuple[Corpus, Tokenizer, TokenData]:
+    """Corpus, tokenizer and cached ids of every split: the one call a training script needs."""
+    out = Path(folder).resolve()
+    if cfg.data is not None and Path(cfg.data).resolve() in (out, *out.parents):
+        # else the next run would read our own tokenizer.json as training text and retrain
+        raise DataError(f"cache folder '{folder}' is inside --data '{cfg.data}'; expected it outside")
+    corpus = load_corpus(cfg)
+    tok = load_or_train_tokenizer(folder, corpus, cfg.vocab_size, checkpoint)
+    eot_id = separator_id(tok, checkpoint)
+    ids = {s: token_ids(corpus, s, tok, eot_id=eot_id, folder=folder) for s in SPLITS}
+    vocab_size = tok.get_vocab_size(with_added_tokens=True)
+    return corpus, tok, TokenData(**ids, vocab_size=vocab_size, eot_id=eot_id)
+
+
+# ----------------------------------------------------------------------------------------------
+# Batches
+
+
+def _check_window(tokens: np.ndarray, seq_len: int) -> None:
+    if len(tokens) < seq_len + 1:
+        raise DataError(
+            f"only {len(tokens)} tokens, fewer than one window of seq_len + 1 = {seq_len + 1}; "
+            "expected a larger corpus or a smaller seq_len"
+        )
+
+
+def random_batch(
+    tokens: np.ndarray, batch_size: int, seq_len: int, generator: torch.Generator
+) -> torch.Tensor:
+    """B windows of T + 1 ids starting at random offsets: input = [:, :-1], target = [:, 1:]."""
+    _check_window(tokens, seq_len)
+    starts = torch.randint(0, len(tokens) - seq_len, (batch_size,), generator=generator).numpy()
+    index = starts[:, None] + np.arange(seq_len + 1)  # (B, T+1)
+    return torch.from_numpy(tokens[index].astype(np.int64))  # (B, T+1)
+
+
+def random_batches(tokens: np.ndarray, batch_size: int, seq_len: int, seed: int) -> Iterator[torch.Tensor]:
+    """An endless stream of `random_batch`es; the same seed gives the same stream."""
+    generator = torch.Generator().manual_seed(seed)
+    while True:
+        yield random_batch(tokens, batch_size, seq_len, generator)
+
+
+def eval_windows(tokens: np.ndarray, seq_len: int, max_windows: int) -> torch.Tensor:
+    """N = min(max_windows, len // (T+1)) evenly spaced, non-overlapping windows, fixed across runs.
+
+    Worked by hand: 20 tokens, seq_len 4, max_windows 3 -> stride 20 // 3 = 6, starts 0, 6, 12,
+    windows [0..4], [6..10], [12..16].
+    """
+    _check_window(tokens, seq_len)
+    n = min(max_windows, len(tokens) // (seq_len + 1))
+    # stride = len // n >= T+1 because n <= len // (T+1), so windows never overlap.
+    starts = np.arange(n) * (len(tokens) // n)
+    index = starts[:, None] + np.arange(seq_len + 1)  # (N, T+1)
+    return torch.from_numpy(tokens[index].astype(np.int64))  # (N, T+1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line: corpus statistics
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description="Read, split and tokenize a corpus; print its statistics.")
+    g = p.add_argument_group("corpus")
+    g.add_argument("--data", default=DataConfig.data,
+                   help="text file, folder or .jsonl with a 'text' field (default: the Python stdlib)")
+    g.add_argument("--glob", default=DataConfig.glob,
+                   help="which files of a --data folder to read (default: %(default)s)")
+    g = p.add_argument_group("tokenizer and cache")
+    g.add_argument("--out", default="runs/default/data",
+                   help="folder for tokenizer.json and the cached ids (default: %(default)s)")
+    g.add_argument("--vocab-size", type=int, default=DataConfig.vocab_size,
+                   help="vocabulary of the BPE we train (default: %(default)s)")
+    g.add_argument("--tokenizer", default=None,
+                   help="checkpoint folder whose tokenizer.json to use instead (default: train one)")
+    args = p.parse_args(argv)
+
+    t0 = time.perf_counter()
+    cfg = DataConfig(data=args.data, glob=args.glob, vocab_size=args.vocab_size)
+    try:
+        checkpoint = Path(args.tokenizer) if args.tokenizer else None
+        corpus, tok, data = prepare_data(cfg, Path(args.out), checkpoint)
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+    print(f"corpus   {corpus.source}  (fingerprint {corpus.fingerprint[:12]})")
+    print(f"skipped  {dict(sorted(corpus.skipped.items())) or 'nothing'}")
+    print(f"vocab    {data.vocab_size}  separator id {data.eot_id}  {data.train.dtype} ids in {args.out}")
+    print(f"{'split':<6} {'docs':>7} {'bytes':>12} {'tokens':>11} {'bytes/token':>12}")
+    total_bytes = total_tokens = 0
+    for split in SPLITS:
+        n_bytes = sum(len(text.encode()) for _, text in getattr(corpus, split))
+        n_tokens = len(getattr(data, split))
+        total_bytes, total_tokens = total_bytes + n_bytes, total_tokens + n_tokens
+        n_docs = len(getattr(corpus, split))
+        print(f"{split:<6} {n_docs:>7} {n_bytes:>12,} {n_tokens:>11,} {n_bytes / max(n_tokens, 1):>12.2f}")
+    ratio = total_bytes / max(total_tokens, 1)
+    print(f"{'all':<6} {'':>7} {total_bytes:>12,} {total_tokens:>11,} {ratio:>12.2f}")
+    print(f"time     {time.perf_counter() - t0:.1f} s")
+
+
+if __name__ == "__main__":
+    main()

@@ -691,7 +691,7 @@ def load_model(path, device="cpu", dtype=torch.float32, experts_on_disk=False):
         parts = name.split(".")
         if name.endswith("_scale_inv") or name.endswith("rotary_emb.inv_freq"):
             continue  # FP8 scales are used with their weight; rotary buffers are recomputed
-        if name.startswith("model.layers.") and int(parts[2]) >= cfg.num_hidden_layers:
+        if name.startswith("model.layers.") and parts[2].isdigit() and int(parts[2]) >= cfg.num_hidden_layers:
             continue  # DeepSeek-V3's multi-token-prediction layer (61) is not part of the decoder
         if experts_on_disk and is_routed_expert(name):
             continue

@@ -337,9 +337,21 @@ def finetune(args, model, data, out_dir, dist_info):
     base_weights = [g.weight.detach().clone() for g in gates]
     opt = torch.optim.AdamW([g.weight for g in gates], lr=args.lr, weight_decay=0.0)
     E, cache = model.config.n_routed_experts, 2 * model.config.num_experts_per_tok
-    state_file = out_dir.with_name(out_dir.name + ".train-state.pt")
+    # one state file per process: under FSDP each holds its own shard of the routers and optimizer
+    state_file = out_dir.with_name(out_dir.name + (".train-state.pt" if world == 1 else f".train-state.rank{rank}.pt"))
     gen = torch.Generator().manual_seed(args.seed)
     stage_i, step, reports = 0, 0, {}
+
+    def save_state(stage, step):
+        save_state_atomic({"run_key": run_key, "stage": stage, "step": step, "reports": reports,
+                           "routers": [g.weight.detach().clone() for g in gates],
+                           "opt": opt.state_dict(), "gen": gen.get_state()}, state_file)
+
+    def evaluate_stage(name):  # every process evaluates: FSDP's forward needs them all
+        reports[name] = evaluate(model, data.test, args.seq_len, args.eval_windows, cache_sizes=(cache,))[0]
+        if rank == 0:
+            print_stage(name, reports[name], reports["0 base"])
+
     run_key = {"model": str(args.model_dir), "stage_steps": list(args.stage_steps), "world": world,
                "reuse_weight": args.reuse_weight, "balance_weight": args.balance_weight, "lr": args.lr}
     if state_file.exists() and not args.no_resume:
@@ -353,9 +365,8 @@ def finetune(args, model, data, out_dir, dist_info):
             gen.set_state(state["gen"])
             if rank == 0:
                 print(f"resuming at stage {stage_i + 1}, step {step} from {state_file}")
-    if "0 base" not in reports and rank == 0:
-        reports["0 base"] = evaluate(model, data.test, args.seq_len, args.eval_windows, cache_sizes=(cache,))[0]
-        print_stage("0 base", reports["0 base"], reports["0 base"])
+    if "0 base" not in reports:
+        evaluate_stage("0 base")
     per_rank = args.batch_size // world
     plan = stage_plan(args)
     for i in range(stage_i, len(plan)):
@@ -384,18 +395,12 @@ def finetune(args, model, data, out_dir, dist_info):
             step += 1
             bar.set_postfix(lm=f"{lm.item():.3f}", reuse=f"{reuse.item():.3f}", bal=f"{bal.item():.3f}")
             bar.update(1)
-            if rank == 0 and step % args.save_every == 0 and step < steps:
-                save_state_atomic({"run_key": run_key, "stage": i, "step": step, "reports": reports,
-                                   "routers": [g.weight.detach().clone() for g in gates],
-                                   "opt": opt.state_dict(), "gen": gen.get_state()}, state_file)
+            if step % args.save_every == 0 and step < steps:
+                save_state(i, step)
         bar.close()
         model.eval()
-        if rank == 0:
-            reports[name] = evaluate(model, data.test, args.seq_len, args.eval_windows, cache_sizes=(cache,))[0]
-            print_stage(name, reports[name], reports["0 base"])
-            save_state_atomic({"run_key": run_key, "stage": i + 1, "step": 0, "reports": reports,
-                               "routers": [g.weight.detach().clone() for g in gates],
-                               "opt": opt.state_dict(), "gen": gen.get_state()}, state_file)
+        evaluate_stage(name)
+        save_state(i + 1, 0)
         step = 0
     return reports, state_file
 
@@ -411,14 +416,17 @@ def print_stage(name, r, base):
 # ----------------------------------------------------------------------------------------------
 # Exporting the tuned model: the base checkpoint with only the router tensors replaced
 
-def export_tuned(base_dir, out_dir, model, results):
+def full_tensor(t):
+    """The whole tensor, also from an FSDP2-sharded parameter (a DTensor; gathering is collective)."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def export_tuned(base_dir, out_dir, cfg, routers, results):
     """Write out_dir atomically: every file of base_dir hard-linked (or copied), except the
     safetensors files that hold router tensors, which are rewritten with the tuned routers in the
     checkpoint's own dtype. Names, shapes, shards and the index stay exactly as they were."""
     base_dir, out_dir = Path(base_dir), Path(out_dir)
-    cfg = model.config
-    routers = {disk_name(cfg, f"model.layers.{l}.mlp.gate.weight"): model.model.layers[l].mlp.gate.weight.detach()
-               for l in cfg.moe_layers}
+    routers = {disk_name(cfg, f"model.layers.{l}.mlp.gate.weight"): w for l, w in routers.items()}
     index = base_dir / "model.safetensors.index.json"
     if index.exists():
         weight_map = json.loads(index.read_text())["weight_map"]
@@ -473,6 +481,7 @@ def run_remoe(args):
     t0 = time.perf_counter()
     device, dtype, why = pick_device(args)
     model = load_model(args.model_dir, device=device, dtype=dtype)
+    router_parameters(model)  # freeze before wrapping: DDP and FSDP register what is trainable then
     rank, world, ddp_model = setup_distributed(model, args.fsdp)
     if rank == 0:
         print(f"compute: {device}, {str(dtype).replace('torch.', '')} ({why}); {world} process(es)")
@@ -481,15 +490,18 @@ def run_remoe(args):
     _, _, data = prepare_data(DataConfig(data=args.data, vocab_size=args.vocab_size), args.data_dir, args.model_dir)
     out_dir = Path(args.out) / "remoe"
     reports, state_file = finetune(args, model, data, out_dir, (rank, world, ddp_model))
+    routers = {l: full_tensor(model.model.layers[l].mlp.gate.weight.detach()) for l in model.config.moe_layers}
     if rank == 0:
         results = {"base_model": str(args.model_dir), "stages": reports,
                    "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
                    "summary": summary(reports), "wall_seconds": round(time.perf_counter() - t0, 1)}
-        export_tuned(args.model_dir, out_dir, model, results)
-        state_file.unlink(missing_ok=True)
+        export_tuned(args.model_dir, out_dir, model.config, routers, results)
         print(f"\nwrote {out_dir} (only the router tensors differ from {args.model_dir})")
         print_summary(results["summary"])
-        return results
+    if world > 1:
+        torch.distributed.barrier()  # the export is complete before any process drops its state
+    state_file.unlink(missing_ok=True)
+    return results if rank == 0 else None
 
 
 def summary(reports):

@@ -1,0 +1,69 @@
+"""Shared pytest fixtures: tiny checkpoints built once per session, and model.py's models loaded
+from them once per session, so that the parametrized tests stay fast on a 2-core CPU.
+
+model.py is imported lazily inside the fixtures, so that a test file that does not need it
+still collects while model.py is being written.
+"""
+
+import os
+import sys
+
+import pytest
+
+TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
+REPO_ROOT = os.path.dirname(TESTS_DIR)
+for _p in (REPO_ROOT, TESTS_DIR):  # `import model` and `import tiny` under plain `pytest` too
+    if _p not in sys.path:
+        sys.path.insert(0, _p)
+
+from tiny import VARIANTS, make_checkpoint  # noqa: E402
+
+
+def pytest_configure(config):
+    """One torch thread: the tiny models gain nothing from two, and on a shared machine two threads
+    spin-wait on each other (measured 30x slower under load). Keep the log readable too:
+    transformers' progress bars and config warnings are noise here."""
+    import torch
+
+    torch.set_num_threads(1)
+    try:
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+        transformers.utils.logging.disable_progress_bar()
+    except ImportError:
+        pass
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory):
+    """Factory `tiny(variant_id) -> (hf_model, path)`: the transformers oracle and its saved
+    checkpoint, built on first use and reused by every test of the session."""
+    cache = {}
+
+    def get(variant_id):
+        if variant_id not in cache:
+            arch, overrides = VARIANTS[variant_id]
+            path = tmp_path_factory.mktemp(variant_id)
+            cache[variant_id] = make_checkpoint(path, arch, **overrides)
+        return cache[variant_id]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def loaded(tiny):
+    """Factory `loaded(variant_id) -> model`: model.py's `load_model` on the tiny checkpoint,
+    float32 on CPU, loaded once per session."""
+    cache = {}
+
+    def get(variant_id):
+        if variant_id not in cache:
+            import model as remoe
+
+            net = remoe.load_model(tiny(variant_id)[1])
+            net.eval()
+            cache[variant_id] = net
+        return cache[variant_id]
+
+    return get

@@ -1,0 +1,394 @@
+"""Tests for cache.py: the simulator against a brute-force replay written from the rules in
+cache.py's docstring, Belady against an exhaustive search for the optimum, LRU against router.py's
+reference, and the disk store against safetensors' own loader.
+
+Worked by hand (LRU, capacity 2, K = 2, one MoE layer, cold start), the step rule at work:
+
+    t0 needs [0, 1]: both miss                                   cache {0, 1}, 1 most recent
+    t1 needs [2, 0]: 0 hits; 2 evicts 1, the least recent expert t1 does not need -> {0, 2}
+    t2 needs [1, 2]: 2 hits; 1 evicts 0                                         -> {2, 1}
+    2 hits of 6 requests.
+
+Looked up independently (together=False), t1's 2 evicts 0 (least recent) and 0 then misses and
+evicts 1; t2's 1 evicts 2 and 2 evicts 0: 0 hits of 6.
+"""
+import ctypes
+import errno
+import itertools
+import math
+import mmap
+import os
+import random
+import shutil
+
+import pytest
+import torch
+
+import cache
+import model
+import router
+from tiny import make_checkpoint, read_config, read_tensors, write_checkpoint, write_fp8_checkpoint
+
+# ----------------------------------------------------------------------------------------------
+# brute-force references: lists and linear scans, one global clock, the future scanned on demand
+
+
+def brute_force(trace, policy, capacity, scope="layer", warmup=0, together=True):
+    """Replays one sequence; returns (hits, misses) as lists of per-layer lists, counted steps only."""
+    L = len(trace[0])
+    cap = capacity if scope == "layer" else capacity * L
+    accesses = []  # the whole future: (pool, item) in the order they happen
+    for step in trace:
+        for l, tokens in enumerate(step):
+            needed = []
+            for token in tokens:
+                for e in token:
+                    if e not in needed:
+                        needed.append(e)
+            accesses.extend((l if scope == "layer" else 0, e if scope == "layer" else (l, e)) for e in needed)
+    held = {}  # pool -> list of items
+    last, count = {}, {}
+    clock = 0
+    hits_out, misses_out = [], []
+    for s, step in enumerate(trace):
+        row_h, row_m = [], []
+        for l, tokens in enumerate(step):
+            pool = l if scope == "layer" else 0
+            cached = held.setdefault(pool, [])
+            needed = []
+            for token in tokens:
+                for e in token:
+                    if e not in needed:
+                        needed.append(e)
+            items = needed if scope == "layer" else [(l, e) for e in needed]
+            keep = set(items) if together and len(items) <= cap else set()
+            h = 0
+            for item in items:
+                assert accesses[clock] == (pool, item)
+                if item in cached:
+                    h += 1
+                else:
+                    if len(cached) == cap:
+                        candidates = [x for x in cached if x not in keep]
+
+                        def next_use(x):
+                            for q in range(clock + 1, len(accesses)):
+                                if accesses[q] == (pool, x):
+                                    return q
+                            return math.inf
+
+                        if policy == "lru":
+                            victim = min(candidates, key=lambda x: last[pool, x])
+                        elif policy == "lfu":
+                            victim = min(candidates, key=lambda x: (count[pool, x], last[pool, x]))
+                        else:
+                            victim = min(candidates, key=lambda x: (-next_use(x), last[pool, x]))
+                        cached.remove(victim)
+                    cached.append(item)
+                    assert len(cached) <= cap
+                last[pool, item] = clock
+                count[pool, item] = count.get((pool, item), 0) + 1
+                clock += 1
+            row_h.append(h)
+            row_m.append(len(items) - h)
+        if s >= warmup:
+            hits_out.append(row_h)
+            misses_out.append(row_m)
+    return hits_out, misses_out
+
+
+def optimal_misses(requests, capacity):
+    """Fewest misses any policy could get, by exhaustive search over cache contents: requests is a
+    list of sets that must all be cached at once (a set larger than the cache is split into single
+    requests, as the streaming rule does)."""
+    flat = []
+    for r in requests:
+        flat.extend([r] if len(r) <= capacity else [[e] for e in r])
+    states = {frozenset(): 0}
+    for r in flat:
+        r = frozenset(r)
+        new = {}
+        for state, cost in states.items():
+            # keep any subset of the old content that fits next to r; load what r lacks
+            others = sorted(state - r)
+            room = capacity - len(r)
+            for n in range(min(room, len(others)) + 1):
+                for kept in itertools.combinations(others, n):
+                    s = r | frozenset(kept)
+                    c = cost + len(r - state)
+                    if c < new.get(s, math.inf):
+                        new[s] = c
+        states = new
+    return min(states.values())
+
+
+def random_trace(seed, steps=24, L=2, E=8, K=2, locality=0.6, prefill=0):
+    """A sequence with some reuse: each slot repeats one of the previous token's experts with
+    probability `locality`. With prefill > 0 the first step is a prompt of that many tokens."""
+    rng = random.Random(seed)
+    prev = [rng.sample(range(E), K) for _ in range(L)]
+    trace = []
+    for s in range(steps):
+        step = []
+        for l in range(L):
+            tokens = []
+            for _ in range(prefill if s == 0 and prefill else 1):
+                chosen = []
+                while len(chosen) < K:
+                    e = rng.choice(prev[l]) if rng.random() < locality else rng.randrange(E)
+                    if e not in chosen:
+                        chosen.append(e)
+                tokens.append(chosen)
+                prev[l] = chosen
+            step.append(tokens)
+        trace.append(step)
+    return trace
+
+
+# ----------------------------------------------------------------------------------------------
+# policies and the simulator
+
+
+def test_worked_example():
+    trace = [[[[0, 1]]], [[[2, 0]]], [[[1, 2]]]]  # 3 steps, 1 layer, 1 token of K=2
+    r = cache.simulate([trace], "lru", 2)
+    assert r.hits[:, 0].tolist() == [0, 1, 1] and r.misses[:, 0].tolist() == [2, 1, 1]
+    assert r.hit_rate == pytest.approx(2 / 6)
+    r = cache.simulate([trace], "lru", 2, cache.SimOptions(together=False))
+    assert r.hits.sum().item() == 0
+
+
+@pytest.mark.parametrize("policy", cache.POLICIES)
+@pytest.mark.parametrize("scope,warmup,together,prefill", [
+    ("layer", 0, True, 0), ("layer", 3, True, 0), ("layer", 0, False, 0), ("global", 0, True, 0),
+    ("layer", 1, True, 5), ("global", 2, False, 4)])
+def test_simulator_matches_brute_force(policy, scope, warmup, together, prefill):
+    E, K = 7, 3
+    opts = cache.SimOptions(scope=scope, warmup_steps=warmup, together=together)
+    for seed in range(3):
+        trace = random_trace(seed, steps=20, L=2, E=E, K=K, prefill=prefill)
+        for capacity in range(1, E + 1):
+            got = cache.simulate([trace], policy, capacity, opts)
+            hits, misses = brute_force(trace, policy, capacity, scope, warmup, together)
+            assert got.hits.tolist() == hits, (seed, capacity)
+            assert got.misses.tolist() == misses, (seed, capacity)
+            assert got.tokens.tolist() == [len(step[0]) for step in trace[warmup:]]
+
+
+def test_hits_plus_misses_is_k_tokens_layers():
+    traces = [random_trace(s, steps=15, L=3, E=8, K=2) for s in range(2)]
+    for policy, capacity in itertools.product(cache.POLICIES, range(1, 9)):
+        r = cache.simulate(traces, policy, capacity)
+        assert (r.hits + r.misses).sum().item() == 2 * 15 * 3 * 2  # K x tokens x layers
+        assert r.misses_per_token == pytest.approx(r.misses.sum().item() / 30)
+
+
+@pytest.mark.parametrize("K,capacity", [(1, 1), (2, 2), (2, 3), (3, 4), (4, 6), (4, 5)])
+def test_lru_matches_router_reference(K, capacity):
+    """router.lru_hit_rate is the project's first, independent LRU: the defaults must agree with it."""
+    g = torch.Generator().manual_seed(K * 10 + capacity)
+    scores = torch.randn(3, 30, 10, generator=g)
+    scores[:, 1:] += 2 * scores[:, :-1]  # some temporal correlation, so hits happen
+    indices = scores.topk(K, dim=-1).indices  # (B, T, K)
+    traces = cache.token_traces([indices])
+    assert cache.simulate(traces, "lru", capacity).hit_rate == pytest.approx(router.lru_hit_rate(indices, capacity))
+
+
+def test_belady_is_never_worse_than_lru_or_lfu():
+    for seed, E, K in itertools.product(range(6), (6, 10), (1, 2, 3)):
+        trace = random_trace(seed, steps=30, L=2, E=E, K=K, locality=0.4 + 0.1 * (seed % 4))
+        for capacity in range(1, E + 1):
+            for scope in ("layer", "global"):
+                opts = cache.SimOptions(scope=scope)
+                best = cache.simulate([trace], "belady", capacity, opts).misses.sum()
+                for policy in ("lru", "lfu"):
+                    assert best <= cache.simulate([trace], policy, capacity, opts).misses.sum(), (seed, capacity)
+
+
+@pytest.mark.parametrize("K", [1, 2, 3])
+def test_belady_is_optimal(K):
+    """Exhaustive search over every possible cache content at every step: MIN reaches the minimum."""
+    for seed in range(4):
+        trace = random_trace(100 + seed, steps=10, L=1, E=5, K=K, locality=0.3)
+        requests = [cache.needed_experts(step[0]) for step in trace]
+        for capacity in range(1, 6):
+            got = cache.simulate([trace], "belady", capacity).misses.sum().item()
+            assert got == optimal_misses(requests, capacity), (seed, capacity)
+
+
+def test_cache_never_exceeds_capacity_and_slots_are_distinct():
+    for policy, capacity in itertools.product(("lru", "lfu"), range(1, 8)):
+        c = cache.ExpertCache(capacity, policy)
+        for step in random_trace(7, steps=40, L=1, E=7, K=3, prefill=4):
+            needed = cache.needed_experts(step[0])
+            protect = cache.step_protect(needed, capacity)
+            for e in needed:
+                a = c.access(e, protect)
+                assert a.slot == c.slot_of[e] and (a.evicted is None or a.evicted not in c.slot_of)
+                assert len(c.slot_of) <= capacity
+                assert sorted(c.slot_of.values()) == list(range(len(c.slot_of)))
+
+
+def test_options_are_validated():
+    with pytest.raises(ValueError):
+        cache.SimOptions(scope="device")
+    with pytest.raises(ValueError):
+        cache.ExpertCache(0)
+    with pytest.raises(ValueError):
+        cache.ExpertCache(2, "belady")  # no future
+
+
+# ----------------------------------------------------------------------------------------------
+# the disk store
+
+PROJ_ON_DISK = {  # module name -> each architecture's tensor name, written out independently of model.RENAMES
+    "mixtral": {"gate_proj": "block_sparse_moe.experts.{e}.w1", "up_proj": "block_sparse_moe.experts.{e}.w3",
+                "down_proj": "block_sparse_moe.experts.{e}.w2"},
+}
+
+
+def expert_names(model_type, layer, e):
+    table = PROJ_ON_DISK.get(model_type, {p: f"mlp.experts.{{e}}.{p}" for p in cache.EXPERT_PROJS})
+    return [f"model.layers.{layer}.{table[p].format(e=e)}.weight" for p in cache.EXPERT_PROJS]
+
+
+def safetensors_reference(path):
+    """{name: tensor} with safetensors' own loader, over all shards."""
+    return read_tensors(path)
+
+
+@pytest.mark.parametrize("io", ["mmap", "direct"])
+@pytest.mark.parametrize("vid", ["ds2-mla-greedy", "mixtral-gqa", "qwen2-sparse-step2"])
+def test_store_matches_safetensors(vid, io, tiny):
+    _, path = tiny(vid)
+    ref = safetensors_reference(path)
+    cfg = model.read_config(path)
+    with cache.ExpertStore(path, cfg, io) as store:
+        assert store.io == io, store.fallback
+        for layer in cfg.moe_layers:
+            for e in range(cfg.n_routed_experts):
+                got = store.read(layer, e)
+                for t, name in zip(got, expert_names(cfg.model_type, layer, e)):
+                    assert torch.equal(t, ref[name]), name
+        assert store.reads == len(cfg.moe_layers) * cfg.n_routed_experts
+
+
+@pytest.mark.parametrize("io", ["mmap", "direct"])
+def test_store_reads_sharded_bf16_checkpoint(io, tmp_path):
+    _, src = make_checkpoint(tmp_path / "f32", "qwen3_moe", max_shard_size="200KB")
+    files = sorted(os.listdir(src))
+    assert sum(f.endswith(".safetensors") for f in files) > 1, files
+    tensors = {k: v.to(torch.bfloat16) for k, v in read_tensors(src).items()}
+    write_checkpoint(tmp_path / "bf16", tensors, read_config(src))
+    cfg = model.read_config(tmp_path / "bf16")
+    for path, expect_dtype in ((src, torch.float32), (tmp_path / "bf16", torch.bfloat16)):
+        ref = safetensors_reference(path)
+        with cache.ExpertStore(path, cfg, io) as store:
+            for layer, e in [(cfg.moe_layers[0], 0), (cfg.moe_layers[-1], cfg.n_routed_experts - 1)]:
+                for t, name in zip(store.read(layer, e), expert_names(cfg.model_type, layer, e)):
+                    assert ref[name].dtype == expect_dtype
+                    assert t.dtype == torch.float32 and torch.equal(t, ref[name].float()), name
+
+
+@pytest.mark.parametrize("io", ["mmap", "direct"])
+def test_store_dequantizes_fp8(io, tmp_path):
+    _, src = make_checkpoint(tmp_path / "src", "deepseek_v3")
+    write_fp8_checkpoint(src, tmp_path / "fp8", tmp_path / "deq", block_size=(16, 16), with_mtp=False)
+    cfg = model.read_config(tmp_path / "fp8")
+    assert cfg.fp8_block == (16, 16)
+    ref = safetensors_reference(tmp_path / "deq")  # dequantized by tiny.py's own loop
+    with cache.ExpertStore(tmp_path / "fp8", cfg, io) as store:
+        assert store.parts[(cfg.moe_layers[0], 0)][0][0].dtype == torch.float8_e4m3fn
+        for layer in cfg.moe_layers:
+            for e in (0, 5, cfg.n_routed_experts - 1):
+                for t, name in zip(store.read(layer, e), expert_names(cfg.model_type, layer, e)):
+                    assert torch.equal(t, ref[name]), name
+
+
+def _smaps_rss_kb(address):
+    """Rss of the mapping that starts at `address`, from /proc/self/smaps."""
+    with open("/proc/self/smaps") as f:
+        lines = f.read().splitlines()
+    for i, line in enumerate(lines):
+        if line.split("-")[0] == f"{address:x}":
+            for other in lines[i + 1:]:
+                if other.startswith("Rss:"):
+                    return int(other.split()[1])
+    raise AssertionError("mapping not found")
+
+
+def _page_cache_pages(path, start, end):
+    """Pages of the file range [start, end) in the OS page cache, by mincore on a fresh mapping."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    with open(path, "rb") as f:
+        m = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+    buf = (ctypes.c_char * len(m)).from_buffer(m)
+    a = start - start % mmap.PAGESIZE
+    n = -(-(end - a) // mmap.PAGESIZE)
+    vec = (ctypes.c_ubyte * n)()
+    rc = libc.mincore(ctypes.c_void_p(ctypes.addressof(buf) + a), ctypes.c_size_t(end - a), vec)
+    del buf
+    m.close()
+    assert rc == 0, os.strerror(ctypes.get_errno())
+    return sum(v & 1 for v in vec)
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/smaps"), reason="needs Linux /proc")
+def test_mmap_store_releases_pages(tiny, tmp_path):
+    """After a read the expert occupies neither this process's memory nor the OS page cache."""
+    _, src = tiny("ds2-mla-greedy")
+    shutil.copytree(src, tmp_path / "ckpt")  # a file no other test has mapped
+    path = tmp_path / "ckpt"
+    fd = os.open(path / "model.safetensors", os.O_RDONLY)
+    os.fsync(fd)  # dirty pages cannot be dropped; the copy must reach the disk first
+    os.close(fd)
+    cfg = model.read_config(path)
+    with cache.ExpertStore(path, cfg, "mmap") as store:
+        m = store.maps[path / "model.safetensors"]
+        buf = (ctypes.c_char * len(m)).from_buffer(m)
+        address = ctypes.addressof(buf)
+        del buf
+        for layer, e in store.parts:
+            store.read(layer, e)
+        assert _smaps_rss_kb(address) == 0
+        infos = [i for parts in store.parts.values() for i, _ in parts]
+        lo, hi = min(i.start for i in infos), max(i.end for i in infos)
+        assert _page_cache_pages(path / "model.safetensors", lo, hi) <= 2  # at most the edge pages' neighbours
+
+
+def test_direct_falls_back_when_refused(tiny, monkeypatch):
+    _, path = tiny("ds2-mla-greedy")
+
+    def refuse(path):
+        raise OSError(errno.EINVAL, "Invalid argument")
+
+    monkeypatch.setattr(cache, "open_direct", refuse)
+    ref = safetensors_reference(path)
+    cfg = model.read_config(path)
+    with cache.ExpertStore(path, cfg, "direct") as store:
+        assert store.io == "mmap" and "refuses O_DIRECT" in store.fallback
+        for t, name in zip(store.read(1, 3), expert_names(cfg.model_type, 1, 3)):
+            assert torch.equal(t, ref[name])
+
+
+def test_store_rejects_checkpoint_without_experts(tiny, tmp_path):
+    _, src = tiny("ds2-mla-greedy")
+    tensors = read_tensors(src)
+    dense = {k: v for k, v in tensors.items() if ".mlp.experts." not in k}
+    write_checkpoint(tmp_path / "noexp", dense, read_config(src))
+    with pytest.raises(model.CheckpointError, match="no routed expert tensors") as e:
+        cache.ExpertStore(tmp_path / "noexp")
+    assert "\n" not in str(e.value)
+    missing = dict(tensors)
+    del missing["model.layers.2.mlp.experts.5.up_proj.weight"]
+    write_checkpoint(tmp_path / "one-missing", missing, read_config(src))
+    with pytest.raises(model.CheckpointError, match="experts.5.up_proj"):
+        cache.ExpertStore(tmp_path / "one-missing")
+
+
+def test_read_bandwidth_counts_bytes(tiny):
+    _, path = tiny("ds2-mla-greedy")
+    with cache.ExpertStore(path, io="mmap") as store:
+        experts = list(store.parts)[:4]
+        assert cache.read_bandwidth(store, experts) > 0
+        assert store.bytes_read == 5 * store.expert_bytes  # one scratch read + four timed reads

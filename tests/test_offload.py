@@ -1,0 +1,247 @@
+"""Tests for offload_infer.py: the offloaded decode must produce exactly the tokens of the
+all-resident model (model.generate, greedy) for every cache size, policy and I/O mode; its counts
+must add up and equal cache.py's simulator replaying the routing it recorded; cache-aware routing
+must reduce to plain routing at bias 0; bad input must end in one `error:` line and exit code 2.
+"""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import cache
+import model
+import offload_infer as oi
+from tiny import (make_checkpoint, random_ids, read_config, read_tensors, write_checkpoint,
+                  write_fp8_checkpoint)
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models: one thread, because on a shared 2-core machine OpenMP's hand-offs between threads
+    cost more than these (64-wide) matrices, slowing the decode loop tenfold."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+MAIN = "ds2-mla-greedy"  # 8 experts, top-3, layer 0 dense then 2 MoE layers
+NEW_TOKENS = 8
+
+
+def reference_tokens(net, prompt, new_tokens=NEW_TOKENS):
+    return model.generate(net, prompt, new_tokens)
+
+
+def check_counts(engine, prompt_len, new_tokens):
+    """The engine's counts add up and equal the simulator's replay of the routing it recorded."""
+    cfg = engine.cfg
+    L, K = len(cfg.moe_layers), cfg.num_experts_per_tok
+    assert len(engine.trace) == new_tokens  # the prefill, then new_tokens - 1 decode steps
+    assert [len(step[0]) for step in engine.trace] == [prompt_len] + [1] * (new_tokens - 1)
+    decode_requests = sum(map(sum, engine.hits[1:])) + sum(map(sum, engine.misses[1:]))
+    assert decode_requests == K * (new_tokens - 1) * L  # hits + misses = top-k x tokens x MoE layers
+    assert engine.max_cached <= engine.opts.cache
+    sim = cache.simulate([engine.trace], engine.opts.policy, engine.opts.cache)  # defaults: cold, per layer
+    assert sim.hits.tolist() == engine.hits and sim.misses.tolist() == engine.misses
+    return cache.simulate([engine.trace], engine.opts.policy, engine.opts.cache, cache.SimOptions(warmup_steps=1))
+
+
+@pytest.mark.parametrize("io", ["mmap", "direct"])
+@pytest.mark.parametrize("policy", ["lru", "lfu"])
+def test_tokens_equal_resident_model_for_every_cache_size(policy, io, tiny, loaded):
+    _, path = tiny(MAIN)
+    net = loaded(MAIN)
+    prompt = random_ids(net.config.vocab_size, 1, 6, seed=3)
+    want = reference_tokens(net, prompt)
+    for capacity in range(1, net.config.n_routed_experts + 1):
+        engine = oi.OffloadEngine(path, oi.OffloadConfig(cache=capacity, policy=policy, io=io))
+        assert engine.store.io == io, engine.store.fallback
+        out, report = engine.generate(prompt[0].tolist(), NEW_TOKENS)
+        engine.close()
+        assert torch.equal(out, want), f"cache {capacity}"
+        sim = check_counts(engine, prompt.shape[1], NEW_TOKENS)
+        assert report.hit_rate == pytest.approx(sim.hit_rate)  # the simulator's hit rate for this decode
+        assert report.loads_per_token == pytest.approx(sim.misses_per_token)
+        assert report.generated_ids == want[0, prompt.shape[1]:].tolist()
+
+
+@pytest.mark.parametrize("vid", ["mixtral-gqa", "qwen2-sparse-step2", "ds3-noaux-norm", "olmoe", "qwen3-gqa-headdim",
+                                 "ds2-group-limited"])
+def test_tokens_equal_resident_model_other_architectures(vid, tiny, loaded):
+    _, path = tiny(vid)
+    net = loaded(vid)
+    cfg = net.config
+    prompt = random_ids(cfg.vocab_size, 1, 5, seed=1)
+    want = reference_tokens(net, prompt)
+    for capacity in sorted({1, cfg.num_experts_per_tok, cfg.n_routed_experts}):
+        engine = oi.OffloadEngine(path, oi.OffloadConfig(cache=capacity))
+        out, _ = engine.generate(prompt[0].tolist(), NEW_TOKENS)
+        engine.close()
+        assert torch.equal(out, want), f"{vid} cache {capacity}"
+        check_counts(engine, prompt.shape[1], NEW_TOKENS)
+
+
+def test_bf16_and_fp8_checkpoints(tmp_path):
+    """Experts stored in bf16 or FP8 are converted to float32 when loaded into a slot: the tokens
+    equal model.py's resident model of the same checkpoint."""
+    _, src = make_checkpoint(tmp_path / "src", "deepseek_v3")
+    tensors = {k: v.to(torch.bfloat16) for k, v in read_tensors(src).items()}
+    write_checkpoint(tmp_path / "bf16", tensors, read_config(src))
+    write_fp8_checkpoint(src, tmp_path / "fp8", tmp_path / "deq", block_size=(16, 16))
+    for path in (tmp_path / "bf16", tmp_path / "fp8"):
+        net = model.load_model(path)
+        prompt = random_ids(net.config.vocab_size, 1, 5, seed=2)
+        want = reference_tokens(net, prompt)
+        for capacity, io in ((2, "mmap"), (5, "direct")):
+            engine = oi.OffloadEngine(path, oi.OffloadConfig(cache=capacity, io=io))
+            assert engine.dtype == torch.float32
+            out, _ = engine.generate(prompt[0].tolist(), NEW_TOKENS)
+            engine.close()
+            assert torch.equal(out, want), f"{path.name} cache {capacity}"
+
+
+def test_prefetch_keeps_tokens(tiny, loaded):
+    _, path = tiny(MAIN)
+    net = loaded(MAIN)
+    prompt = random_ids(net.config.vocab_size, 1, 6, seed=4)
+    want = reference_tokens(net, prompt)
+    for capacity in (1, 3, 5):
+        engine = oi.OffloadEngine(path, oi.OffloadConfig(cache=capacity, prefetch=True))
+        out, report = engine.generate(prompt[0].tolist(), NEW_TOKENS)
+        engine.close()
+        assert torch.equal(out, want)
+        assert report.prefetch_loads > 0 and engine.max_cached <= capacity
+
+
+def test_sampling_matches_model_generate(tiny, loaded):
+    _, path = tiny(MAIN)
+    net = loaded(MAIN)
+    prompt = random_ids(net.config.vocab_size, 1, 4, seed=5)
+    want = model.generate(net, prompt, NEW_TOKENS, 0.8, 0.9, torch.Generator().manual_seed(7))
+    engine = oi.OffloadEngine(path, oi.OffloadConfig(cache=3))
+    out, _ = engine.generate(prompt[0].tolist(), NEW_TOKENS, 0.8, 0.9, torch.Generator().manual_seed(7))
+    engine.close()
+    assert torch.equal(out, want)
+
+
+# ----------------------------------------------------------------------------------------------
+# cache-aware routing
+
+
+@pytest.mark.parametrize("vid", ["ds2-mla-greedy", "ds2-group-limited", "ds3-noaux-norm", "qwen2-norm-topk",
+                                 "mixtral-gqa", "olmoe"])
+def test_route_with_zero_bonus_equals_gate(vid, loaded):
+    net = loaded(vid)
+    cfg = net.config
+    x = torch.randn(20, cfg.hidden_size, generator=torch.Generator().manual_seed(0))
+    gate = net.model.layers[cfg.moe_layers[0]].mlp.gate
+    want = gate(x)
+    got = oi.route(gate, x, torch.zeros(cfg.n_routed_experts))
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
+    # a large bonus makes the favoured experts win the top-k
+    bonus = torch.zeros(cfg.n_routed_experts)
+    favoured = list(range(0, cfg.n_routed_experts, cfg.n_routed_experts // cfg.num_experts_per_tok))
+    favoured = favoured[: cfg.num_experts_per_tok]
+    bonus[favoured] = 100.0
+    if cfg.topk_method == "greedy":
+        assert sorted(oi.route(gate, x, bonus)[0][0].tolist()) == favoured
+
+
+def test_cache_bias_raises_hit_rate(tiny, loaded):
+    _, path = tiny(MAIN)
+    net = loaded(MAIN)
+    prompt = random_ids(net.config.vocab_size, 1, 6, seed=6)
+    for capacity in (3, 4, 6):
+        rates = []
+        for bias in (0.0, 0.5):
+            engine = oi.OffloadEngine(path, oi.OffloadConfig(cache=capacity, cache_bias=bias))
+            out, report = engine.generate(prompt[0].tolist(), 16)
+            engine.close()
+            rates.append(report.hit_rate)
+            if bias == 0.0:
+                assert torch.equal(out, reference_tokens(net, prompt, 16))  # bias 0 is plain routing
+        assert rates[1] >= rates[0], (capacity, rates)
+
+
+# ----------------------------------------------------------------------------------------------
+# command line
+
+
+def test_cli_writes_json(tiny, loaded, tmp_path, capsys):
+    _, path = tiny(MAIN)
+    net = loaded(MAIN)
+    prompt = random_ids(net.config.vocab_size, 1, 5, seed=8)
+    out_file = tmp_path / "sub" / "decode.json"
+    oi.main(["--model", str(path), "--prompt-ids", ",".join(map(str, prompt[0].tolist())), "--cache", "2",
+             "--max-new-tokens", "6", "--json", str(out_file)])
+    printed = capsys.readouterr()
+    assert "hit rate" in printed.out and "device: cpu" in printed.err
+    result = json.loads(out_file.read_text())
+    assert result["prompt_ids"] == prompt[0].tolist()
+    assert result["generated_ids"] == reference_tokens(net, prompt, 6)[0, 5:].tolist()
+    for key in ("ttft_s", "time_per_token_s", "tokens_per_s", "hit_rate", "loads_per_token", "mb_read_per_token",
+                "expert_memory_mb"):
+        assert isinstance(result[key], float), key
+    assert not (tmp_path / "sub" / "decode.json.tmp").exists()
+
+
+def test_bench_reports_ratio(tiny, capsys):
+    _, path = tiny(MAIN)
+    result = oi.bench(path, [5, 6, 7, 8], 4, [2, 8], repeats=1)
+    assert result["bandwidth_bytes_per_s"] > 0 and result["resident_time_per_token_s"] > 0
+    for row in result["rows"]:
+        assert row["ratio"] > 0 and row["bound_s"] >= result["resident_time_per_token_s"]
+    assert result["rows"][1]["mb_read_per_token"] <= result["rows"][0]["mb_read_per_token"]
+    assert "ratio" in capsys.readouterr().out
+
+
+@pytest.fixture(scope="module")
+def no_experts(tiny, tmp_path_factory):
+    _, src = tiny(MAIN)
+    dst = tmp_path_factory.mktemp("no-experts")
+    write_checkpoint(dst, {k: v for k, v in read_tensors(src).items() if ".experts." not in k}, read_config(src))
+    return dst
+
+
+def test_cli_bad_input_is_one_line(tiny, no_experts):
+    _, path = tiny(MAIN)
+    ids = "1,2,3"
+    cases = {
+        "cache 0": (["--model", str(path), "--cache", "0", "--prompt-ids", ids], "--cache must be between 1 and"),
+        "cache > E": (["--model", str(path), "--cache", "9", "--prompt-ids", ids], "--cache must be between 1 and"),
+        "no experts": (["--model", str(no_experts), "--prompt-ids", ids], "no routed expert tensors"),
+        "long prompt": (["--model", str(path), "--prompt-ids", ",".join(["5"] * 300)],
+                        "longer than the model's context"),
+        "no tokenizer": (["--model", str(path), "--prompt", "hello"], "no tokenizer.json"),
+    }
+    procs = {name: subprocess.Popen([sys.executable, "offload_infer.py", *argv], stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE, text=True, cwd=oi.Path(oi.__file__).parent)
+             for name, (argv, _) in cases.items()}
+    for name, proc in procs.items():
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 2, (name, err)
+        assert "Traceback" not in err, name
+        lines = err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: ") and cases[name][1] in lines[0], (name, err)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_matches_resident_model(tiny):
+    """Slots on the GPU, loads through pinned buffers on a copy stream: same tokens as the resident
+    model on the same GPU (float32, so that the two compute identically)."""
+    _, path = tiny(MAIN)
+    net = model.load_model(path, device="cuda")
+    prompt = random_ids(net.config.vocab_size, 1, 6, seed=9).cuda()
+    want = reference_tokens(net, prompt, 12)
+    for capacity, prefetch in ((1, False), (3, False), (3, True), (8, False)):
+        engine = oi.OffloadEngine(path, oi.OffloadConfig(cache=capacity, device="cuda", dtype="float32",
+                                                         prefetch=prefetch))
+        assert engine.slots[1].gate.is_cuda
+        out, report = engine.generate(prompt[0].tolist(), 12)
+        engine.close()
+        assert torch.equal(out, want), (capacity, prefetch)
+        if not prefetch:
+            check_counts(engine, prompt.shape[1], 12)

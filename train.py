@@ -286,6 +286,11 @@ def print_base_report(results):
 # loss = next-token loss + lambda * reuse loss (router.py) + beta * balance loss
 #        + gamma * KL(base model's next-token distribution || tuned model's)
 #
+# The balance loss is switch-style over the whole batch by default: reuse asks consecutive tokens of
+# one sequence to share experts, which a per-sequence balance loss directly penalises, while a
+# batch-level loss only asks that different sequences spread over all experts. (Under torchrun each
+# process computes it on its share of the batch; the sequence-wise loss splits exactly.)
+#
 # The anchor is a distillation to the frozen base model's *output*, not a KL to the base router's
 # distribution: reuse can only rise if routing changes, and a router-KL anchor penalises exactly
 # that change, whatever it does to quality. Distillation constrains what users care about, the
@@ -561,14 +566,15 @@ def parse_args(argv=None):
     g.add_argument("--reuse-weight", "--lambda", dest="reuse_weight", type=float, default=0.3,
                    help="lambda: weight of the reuse loss")
     g.add_argument("--window", type=int, default=1, help="w: experts of the previous w tokens count as recent")
-    g.add_argument("--balance-weight", type=float, default=0.01, help="beta: weight of the load-balance loss")
-    g.add_argument("--balance", choices=("sequence", "switch"), default="sequence",
-                   help="balance loss: DeepSeek's sequence-wise (splits exactly across processes) or switch-style")
+    g.add_argument("--balance-weight", type=float, default=0.03, help="beta: weight of the load-balance loss")
+    g.add_argument("--balance", choices=("switch", "sequence"), default="switch",
+                   help="balance loss: switch-style over the batch, or DeepSeek's sequence-wise (which fights reuse "
+                        "inside a sequence, but splits exactly across processes)")
     g.add_argument("--balance-boost", type=float, default=4.0, help="beta multiplier in stage 2 (balance)")
     g.add_argument("--distill-weight", type=float, default=1.0,
                    help="gamma: weight of the KL to the base model's next-token distribution (0 disables)")
     g.add_argument("--lr", type=float, default=2e-3, help="router learning rate (AdamW)")
-    g.add_argument("--stage-steps", type=lambda s: [int(x) for x in s.split(",")], default=[120, 30, 40],
+    g.add_argument("--stage-steps", type=lambda s: [int(x) for x in s.split(",")], default=[100, 25, 35],
                    help="steps of stages 1 (reuse-aware), 2 (balance), 3 (calibration), comma-separated")
     g.add_argument("--calib-split", choices=("train", "val"), default="val", help="split used for calibration")
     g.add_argument("--sweep", type=lambda s: [float(x) for x in s.split(",")], default=None,
@@ -576,9 +582,9 @@ def parse_args(argv=None):
     g.add_argument("--fsdp", action="store_true", help="shard the frozen model with FSDP2 (under torchrun)")
     g.add_argument("--no-resume", action="store_true", help="ignore a saved training state and start over")
     g = p.add_argument_group("default base model")
-    g.add_argument("--pretrain-steps", type=int, default=600, help="pretraining steps of the default base model")
+    g.add_argument("--pretrain-steps", type=int, default=180, help="pretraining steps of the default base model")
     g.add_argument("--pretrain-lr", type=float, default=3e-3, help="peak learning rate of pretraining")
-    g.add_argument("--balance-coef", type=float, default=0.01, help="weight of the switch balance loss in pretraining")
+    g.add_argument("--balance-coef", type=float, default=0.03, help="weight of the switch balance loss in pretraining")
     g.add_argument("--base-overrides", default=None, help="JSON dict overriding the default base config")
     g.add_argument("--rebuild-base", action="store_true", help="pretrain the base model again even if it exists")
     g.add_argument("--base-only", action="store_true", help="build and report the base model, do not fine-tune")

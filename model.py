@@ -389,7 +389,9 @@ class Gate(nn.Module):
             # DeepSeek-V3's load-balancing bias: shifts which experts are chosen, never their weights
             self.register_buffer("e_score_correction_bias", torch.zeros(cfg.n_routed_experts, dtype=torch.float32))
 
-    def forward(self, x):  # x (N, D) -> indices (N, K), weights (N, K), scores (N, E)
+    def forward(self, x, bonus=None):  # x (N, D) -> indices (N, K), weights (N, K), scores (N, E)
+        """`bonus` (E,), optional, is added to the scores used for the choice only (like V3's bias):
+        offload_infer.py's cache-aware routing uses it to favour experts that are already cached."""
         cfg = self.cfg
         if cfg.router_logits_fp32:
             logits = F.linear(x.float(), self.weight.float())
@@ -399,6 +401,8 @@ class Gate(nn.Module):
         choice = scores
         if cfg.topk_method == "noaux_tc":
             choice = scores + self.e_score_correction_bias
+        if bonus is not None:
+            choice = choice + bonus
         if cfg.topk_method in ("group_limited_greedy", "noaux_tc"):
             # experts form n_group contiguous groups; only the topk_group best groups may be chosen
             grouped = choice.view(-1, cfg.n_group, cfg.n_routed_experts // cfg.n_group)  # (N, G, E/G)

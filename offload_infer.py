@@ -136,34 +136,7 @@ def route(gate, x, bonus=None):
     selection scores before the top-k (after DeepSeek-V3's correction bias, before group limiting,
     so a cached expert's group is favoured too). The weights stay the unbiased scores of the chosen
     experts, as the architecture computes them. bonus=None is exactly moe.gate."""
-    if bonus is None:
-        return gate(x)
-    cfg = gate.cfg
-    if cfg.router_logits_fp32:
-        logits = F.linear(x.float(), gate.weight.float())
-    else:
-        logits = F.linear(x, gate.weight).float()
-    scores = logits.sigmoid() if cfg.scoring_func == "sigmoid" else logits.softmax(dim=-1)  # (T, E)
-    choice = scores + gate.e_score_correction_bias if cfg.topk_method == "noaux_tc" else scores
-    choice = choice + bonus
-    if cfg.topk_method in ("group_limited_greedy", "noaux_tc"):
-        grouped = choice.view(-1, cfg.n_group, cfg.n_routed_experts // cfg.n_group)  # (T, G, E/G)
-        if cfg.topk_method == "noaux_tc":
-            group_score = grouped.topk(2, dim=-1).values.sum(dim=-1)
-        else:
-            group_score = grouped.max(dim=-1).values  # (T, G)
-        keep = group_score.topk(cfg.topk_group, dim=-1).indices
-        keep = torch.zeros_like(group_score, dtype=torch.bool).scatter_(1, keep, True)
-        dropped = (~keep).unsqueeze(-1).expand_as(grouped).reshape_as(choice)  # (T, E)
-        choice = choice.masked_fill(dropped, float("-inf") if cfg.topk_method == "noaux_tc" else 0.0)
-    indices = choice.topk(cfg.num_experts_per_tok, dim=-1).indices  # (T, K)
-    weights = scores.gather(-1, indices)
-    if cfg.norm_topk_prob:
-        weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
-    weights = weights * cfg.routed_scaling_factor
-    if not cfg.router_weights_fp32:
-        weights = weights.to(x.dtype)
-    return indices, weights, scores
+    return gate(x, bonus)
 
 
 # ----------------------------------------------------------------------------------------------

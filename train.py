@@ -563,10 +563,10 @@ def parse_args(argv=None):
     g.add_argument("--vocab-size", type=int, default=8192, help="BPE vocabulary of the default tokenizer")
     g.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available, else cpu)")
     g = p.add_argument_group("ReMoE fine-tuning")
-    g.add_argument("--reuse-weight", "--lambda", dest="reuse_weight", type=float, default=0.3,
+    g.add_argument("--reuse-weight", "--lambda", dest="reuse_weight", type=float, default=0.1,
                    help="lambda: weight of the reuse loss")
     g.add_argument("--window", type=int, default=1, help="w: experts of the previous w tokens count as recent")
-    g.add_argument("--balance-weight", type=float, default=0.03, help="beta: weight of the load-balance loss")
+    g.add_argument("--balance-weight", type=float, default=0.3, help="beta: weight of the load-balance loss")
     g.add_argument("--balance", choices=("switch", "sequence"), default="switch",
                    help="balance loss: switch-style over the batch, or DeepSeek's sequence-wise (which fights reuse "
                         "inside a sequence, but splits exactly across processes)")
@@ -574,7 +574,7 @@ def parse_args(argv=None):
     g.add_argument("--distill-weight", type=float, default=1.0,
                    help="gamma: weight of the KL to the base model's next-token distribution (0 disables)")
     g.add_argument("--lr", type=float, default=2e-3, help="router learning rate (AdamW)")
-    g.add_argument("--stage-steps", type=lambda s: [int(x) for x in s.split(",")], default=[100, 25, 35],
+    g.add_argument("--stage-steps", type=lambda s: [int(x) for x in s.split(",")], default=[60, 15, 25],
                    help="steps of stages 1 (reuse-aware), 2 (balance), 3 (calibration), comma-separated")
     g.add_argument("--calib-split", choices=("train", "val"), default="val", help="split used for calibration")
     g.add_argument("--sweep", type=lambda s: [float(x) for x in s.split(",")], default=None,

@@ -1,0 +1,775 @@
+"""
+bench.py: one run that answers the question a reader of the ReMoE paper asks: on my model and my
+memory budget, how much does ReMoE save, what does it cost, and how does it compare with what I
+could do instead?
+
+What it teaches: how to measure an expert-cache optimisation so that the numbers can be trusted.
+Both models, the base MoE and its ReMoE-tuned twin (same weights, new routers), are measured on the
+same held-out windows in the same process, and every comparison is a ratio taken side by side:
+  - quality: test perplexity of each model from one teacher-forced pass, and how often the tuned
+    model's top-1 prediction equals the base model's;
+  - reuse: the share of a token's experts that the previous w tokens already used (w = 1, 2, 4),
+    per MoE layer and overall (router.reuse_rate);
+  - cache study: the routing of those windows replayed through per-layer caches of every size from
+    top-k to all experts, under LRU, LFU and Belady's offline optimum (cache.simulate);
+  - cache-aware routing: the training-free alternative (offload_infer.route: a bonus on the router
+    scores of cached experts). Its routing depends on the cache, so it cannot be replayed from a
+    trace: it is measured by teacher-forced decoding token by token through the offload engine,
+    which gives its hit rate and, from the same logits, its perplexity;
+  - decode: real offloaded decoding (O_DIRECT reads) of base and tuned, interleaved, at several
+    cache sizes: time per token, expert loads and MB read per token, and the speedup;
+  - peers: remoe's all-resident decoding against transformers' `generate` on the same checkpoint.
+Every figure goes to results.json; results.md and the plots are drawn from that dictionary only.
+
+Leaves out: batched decoding, the engine's prefetch, warm caches and a global pool across layers
+(cache.py has both as options), energy, and any GPU-specific kernel tuning.
+Follows: the ReMoE paper's reuse and hit-rate metrics; Belady (1966) for the optimum; Eliseev &
+Mazur (2023) for the per-layer LRU expert cache.
+
+    python bench.py --quick                     # under a minute on 2 CPU cores: a first look
+    python bench.py                             # the full study of runs/default/{base,remoe} (CUDA if present)
+    python bench.py --base ckpt/ds2 --tuned runs/ds2/remoe --data corpus.jsonl --out runs/bench-ds2
+
+Shapes: W windows, T tokens per window, L MoE layers, K top-k, E routed experts, V vocabulary.
+"""
+
+import argparse
+import math
+import os
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import cache
+import model
+import offload_infer as oi
+import router
+from data import DataConfig, DataError, eval_windows, prepare_data
+from train import write_json_atomic
+
+REUSE_WINDOWS = (1, 2, 4)
+
+
+class BenchError(ValueError):
+    """Bad input to the benchmark; the message is one line saying what was expected."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Settings: every default once, and the smaller values --quick uses where no flag was given
+
+@dataclass
+class Settings:
+    # models and data (the default models and token cache are where train.py writes them)
+    base: str = oi.DEFAULT_MODELS[1]
+    tuned: str = oi.DEFAULT_MODELS[0]
+    data: str | None = None
+    data_dir: str = str(Path(oi.DEFAULT_MODELS[1]).parent / "data")
+    out: str = "runs/bench"
+    # held-out windows: quality, reuse and the cache study
+    seq_len: int = 256
+    windows: int = 64
+    batch_size: int = 8
+    # cache study: capacities as multiples of top-k, capped at E, plus E itself
+    capacities: list | None = None
+    capacity_multiples: tuple = (1, 1.5, 2, 3, 4, 6, 8)
+    # cache-aware routing: a bonus on cached experts' router scores (probabilities under softmax), measured
+    # sequentially. Two strengths: 0.01 tips the close calls between the K-th and next experts; 0.05, about a
+    # top choice's whole score among 32 experts, lets cached experts win almost every time.
+    cache_bias: tuple = (0.01, 0.05)
+    car_windows: int = 4
+    car_capacities: list | None = None
+    car_multiples: tuple = (1, 2, 4)
+    # decode: real offloaded decoding, side by side
+    decode_capacities: list | None = None
+    decode_multiples: tuple = (1, 2, 4)
+    decode_tokens: int = 64
+    prompt_tokens: int = 32
+    repeats: int = 3
+    device: str | None = None
+    threads: int = 0
+    peers: bool = True
+    quick: bool = False
+
+
+# --quick also pins one CPU thread: with two, OpenMP threads of a small model spin-wait on each other
+# whenever the machine is shared (measured here: 4.5 minutes instead of 45 s for the default model)
+QUICK = dict(windows=8, capacity_multiples=(1, 2, 4), car_windows=2, car_multiples=(2,),
+             decode_multiples=(1, 2), decode_tokens=16, repeats=2, threads=1)
+
+
+def capacity_grid(multiples, K, E, with_all=False):
+    """Per-layer cache sizes round(m * K) for each multiple m, kept within 1..E; E added on request."""
+    caps = {min(E, max(1, round(m * K))) for m in multiples}
+    return sorted(caps | ({E} if with_all else set()))
+
+
+# ----------------------------------------------------------------------------------------------
+# Inputs: the two checkpoints and the held-out windows, all checked before any slow work
+
+def check_pair(base, tuned):
+    """The base model's config, after checking that the tuned model has the same architecture:
+    ReMoE changes router weights only, so every config field must agree."""
+    cfg = model.read_config(base)
+    try:
+        cfg_t = model.read_config(tuned)
+    except model.CheckpointError as e:
+        if not Path(tuned).is_dir():
+            make = "python train.py" if Path(base) == Path(Settings.base) else f"python train.py --model {base}"
+            raise model.CheckpointError(f"{e} (train.py writes the tuned model: {make})") from None
+        raise
+    if not cfg.moe_layers:
+        raise BenchError(f"{base}: {cfg.model_type} config has no MoE layers: there is no routing to study")
+    a, b = asdict(cfg), asdict(cfg_t)
+    for key in a:
+        if a[key] != b[key]:
+            raise BenchError(f"{base} and {tuned} differ in {key} ({a[key]!r} vs {b[key]!r}); expected the same "
+                             f"architecture and experts, since ReMoE tunes only the routers")
+    return cfg
+
+
+def check_settings(s, cfg, caps):
+    """Validate the numbers a user can pass, each against the model where it matters."""
+    E, ctx = cfg.n_routed_experts, cfg.max_position_embeddings
+    for c in sorted(set(caps)):
+        if not 1 <= c <= E:
+            raise BenchError(f"capacity {c} must be between 1 and the number of routed experts ({E})")
+    if not 2 <= s.seq_len <= ctx:
+        raise BenchError(f"--seq-len must be between 2 and the model's context of {ctx}, got {s.seq_len}")
+    if s.windows < 1 or s.batch_size < 1 or s.repeats < 1:
+        raise BenchError("--windows, --batch-size and --repeats must be >= 1")
+    if not 1 <= s.car_windows <= s.windows:
+        raise BenchError(f"--car-windows must be between 1 and --windows ({s.windows}), got {s.car_windows}")
+    if any(not b > 0 for b in s.cache_bias):
+        raise BenchError(f"--cache-bias values must be > 0 (0 is plain routing), got {list(s.cache_bias)}")
+    if s.decode_tokens < 2 or s.prompt_tokens < 1:
+        raise BenchError("--decode-tokens must be >= 2 (one prefill, then timed steps) and --prompt-tokens >= 1")
+    if s.prompt_tokens + s.decode_tokens > ctx:
+        raise BenchError(f"--prompt-tokens {s.prompt_tokens} plus --decode-tokens {s.decode_tokens} exceeds the "
+                         f"model's context of {ctx}")
+
+
+def held_out(s, cfg):
+    """(W, T+1) teacher-forcing windows and the decode prompt, both from the test split."""
+    corpus, _, data = prepare_data(DataConfig(data=s.data), Path(s.data_dir), Path(s.base))
+    windows = eval_windows(data.test, s.seq_len, s.windows)  # (W, T+1)
+    if int(windows.max()) >= cfg.vocab_size:
+        raise BenchError(f"{s.base}: tokenizer ids reach {int(windows.max())}, beyond the model's vocabulary "
+                         f"of {cfg.vocab_size}")
+    if len(data.test) < s.prompt_tokens:
+        raise BenchError(f"the test split has {len(data.test)} tokens, fewer than --prompt-tokens {s.prompt_tokens}")
+    prompt = [int(t) for t in data.test[: s.prompt_tokens]]
+    return windows, prompt, corpus.source, len(data.test)
+
+
+# ----------------------------------------------------------------------------------------------
+# Quality: perplexity and top-1 predictions from one teacher-forced pass, which also records the
+# routing that the reuse and cache-study sections read
+
+class TeacherForced(NamedTuple):
+    layers: list           # decoder-layer id of each MoE layer
+    indices: list          # [L] of (W, T, K) chosen experts
+    nll: torch.Tensor      # (W,) summed next-token loss of each window, float64
+    top1: torch.Tensor     # (W, T) argmax of the logits
+
+
+@torch.no_grad()
+def teacher_forced(net, windows, batch_size):
+    device = next(net.parameters()).device
+    nll, top1, per_batch = [], [], []
+    for chunk in windows.split(batch_size):
+        chunk = chunk.to(device)
+        logits, routing = net(chunk[:, :-1], return_routing=True)  # (B, T, V)
+        ce = F.cross_entropy(logits.flatten(0, 1).float(), chunk[:, 1:].flatten(), reduction="none")
+        nll.append(ce.view(chunk.shape[0], -1).double().sum(1).cpu())  # (B,)
+        top1.append(logits.argmax(-1).cpu())
+        per_batch.append([r.indices.cpu() for r in routing])
+    indices = [torch.cat([b[l] for b in per_batch]) for l in range(len(per_batch[0]))]  # [L] (W, T, K)
+    return TeacherForced([r.layer for r in routing], indices, torch.cat(nll), torch.cat(top1))
+
+
+def perplexity(nll_sum, tokens):
+    return math.exp(nll_sum / tokens)
+
+
+def quality(passes, T):
+    """Perplexity of each model and of tuned relative to base; top-1 agreement with the base model."""
+    out = {}
+    for name, p in passes.items():
+        loss = p.nll.sum().item() / p.nll.numel() / T
+        out[name] = {"loss": loss, "perplexity": math.exp(loss), "tokens": p.nll.numel() * T,
+                     "top1_agreement_with_base": (p.top1 == passes["base"].top1).double().mean().item()}
+    out["perplexity_ratio"] = out["tuned"]["perplexity"] / out["base"]["perplexity"]
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Reuse: how often a token's experts were already used by the previous w tokens (router.py), and
+# how evenly the experts are loaded, which reuse must not buy by collapsing onto a few experts
+
+def reuse(passes, E):
+    out = {"layers": passes["base"].layers, "windows": list(REUSE_WINDOWS)}
+    for name, p in passes.items():
+        routing = [model.Routing(layer, idx, None, None) for layer, idx in zip(p.layers, p.indices)]
+        rep = router.routing_report(routing, E, windows=REUSE_WINDOWS)
+        out[name] = {"overall": {str(w): rep["reuse"][w] for w in REUSE_WINDOWS},
+                     "per_layer": {str(w): rep["reuse_per_layer"][w] for w in REUSE_WINDOWS},
+                     "load_max_over_mean": rep["load_max_over_mean"]}
+    out["change"] = {str(w): out["tuned"]["overall"][str(w)] / out["base"]["overall"][str(w)] - 1
+                     for w in REUSE_WINDOWS}
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Cache study: the teacher-forced routing replayed through per-layer caches, one step per token in
+# window order, each window starting cold (cache.simulate's defaults)
+
+CACHE_METHOD = ("routing of the teacher-forced test windows replayed one token per step in window order; "
+                "each window starts with empty caches; one cache of `capacity` experts per MoE layer; a token's "
+                "top-k are needed together (cache.simulate defaults); hit rate = hits / (tokens x top-k x MoE layers)")
+
+
+def cache_study(indices, capacities, tick):
+    """{policy: [row per capacity]} for LRU, LFU and Belady over the traces of indices [L] (W, T, K)."""
+    traces = cache.token_traces(indices)
+    out = {}
+    for policy in cache.POLICIES:
+        rows = []
+        for c in capacities:
+            r = cache.simulate(traces, policy, c)
+            rows.append({"capacity": c, "hit_rate": r.hit_rate, "loads_per_token": r.misses_per_token,
+                         "layer_hit_rates": r.layer_hit_rates()})
+            tick()
+        out[policy] = rows
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Cache-aware routing: teacher-forced decoding one token per step through the offload engine, with
+# `cache_bias` added to the router scores of the experts each layer holds. The cache state steers
+# routing, so hit rate and perplexity both come from this sequential run.
+
+CAR_METHOD = ("cache-aware routing adds `bias` to the router scores of the experts a layer's cache holds before the "
+              "top-k (offload_infer.route; combine weights stay the unbiased scores); measured by teacher-forced "
+              "decoding one token per step through OffloadEngine (LRU, each window starting cold) on the first "
+              "windows; perplexity from those logits. Rows with bias 0 replay the plain models' routing of the same "
+              "windows")
+
+
+@torch.no_grad()
+def cache_aware(path, windows, capacity, bias, device, dtype):
+    """Hit rate, loads per token, perplexity and top-1 of one model on `windows` (N, T+1), and its
+    routing as (N, T, L, K)."""
+    opts = oi.OffloadConfig(cache=capacity, policy="lru", cache_bias=bias, device=str(device), dtype=dtype)
+    engine = oi.OffloadEngine(path, opts)
+    nll, top1 = 0.0, []
+    try:
+        for w in windows:
+            engine.reset_cache()  # cold start per window, as in the cache study
+            kv, ids = model.KVCache(), w.to(engine.device)
+            for t in range(len(w) - 1):
+                logits = engine.forward(ids[None, t:t + 1], kv)[0, -1]  # (V,)
+                nll += F.cross_entropy(logits.float()[None], ids[None, t + 1]).item()
+                top1.append(logits.argmax().item())
+    finally:
+        engine.close()
+    hits, misses = sum(map(sum, engine.hits)), sum(map(sum, engine.misses))
+    N, T = windows.shape[0], windows.shape[1] - 1
+    # engine.trace holds, per step and MoE layer, the one token's K ids
+    trace = torch.tensor([[layer[0] for layer in step] for step in engine.trace])  # (N*T, L, K)
+    row = {"capacity": capacity, "bias": bias, "hit_rate": hits / (hits + misses),
+           "loads_per_token": misses / (N * T), "perplexity": perplexity(nll, N * T)}
+    return row, torch.tensor(top1).view(N, T), trace.view(N, T, *trace.shape[1:])
+
+
+def plain_rows(p, n, capacities):
+    """The same figures for a plain model on its first n windows, from the batched pass and LRU replay."""
+    traces = cache.token_traces([idx[:n] for idx in p.indices])
+    T = p.top1.shape[1]
+    rows = []
+    for c in capacities:
+        r = cache.simulate(traces, "lru", c)
+        rows.append({"capacity": c, "bias": 0.0, "hit_rate": r.hit_rate, "loads_per_token": r.misses_per_token,
+                     "perplexity": perplexity(p.nll[:n].sum().item(), n * T)})
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------
+# Decode: real offloaded decoding with O_DIRECT reads, base and tuned interleaved so that machine
+# noise hits both alike; every timed run starts from an empty cache, the fastest of `repeats` is kept
+
+DECODE_METHOD = ("OffloadEngine with --io direct, greedy, the same prompt (the first tokens of the test split) for "
+                 "both models; warm-up first, then base and tuned interleaved, each run from an empty cache with the "
+                 "page cache dropped, best of `repeats`; time per token excludes the prefill and the first token; "
+                 "speedup = base time / tuned time. Greedy continuations repeat themselves more than held-out text, "
+                 "so decode hit rates run higher than the cache study's")
+
+
+def decode(paths, prompt, new_tokens, capacity, repeats, device, dtype):
+    opts = oi.OffloadConfig(cache=capacity, io="direct", device=str(device), dtype=dtype)
+    engines = {name: oi.OffloadEngine(p, opts) for name, p in paths.items()}
+    try:
+        for e in engines.values():
+            e.generate(prompt, 2)  # warm-up: allocator, kernels, code paths
+        best = {}
+        for _ in range(repeats):
+            for name, e in engines.items():
+                e.reset_cache()
+                e.store.drop_page_cache()
+                e.reset_stats()
+                r = e.generate(prompt, new_tokens)[1]
+                if name not in best or r.time_per_token_s < best[name].time_per_token_s:
+                    best[name] = r
+        e = engines["base"]
+        env = {"device": str(e.device), "dtype": str(e.dtype).removeprefix("torch."), "io": e.store.io,
+               "io_note": e.store.fallback, "expert_bytes": e.store.expert_bytes}
+    finally:
+        for e in engines.values():
+            e.close()
+    keep = ("time_per_token_s", "tokens_per_s", "hit_rate", "loads_per_token", "mb_read_per_token", "generated_ids")
+    row = {"capacity": capacity, **{name: {k: getattr(r, k) for k in keep} for name, r in best.items()}}
+    row["speedup"] = best["base"].time_per_token_s / best["tuned"].time_per_token_s
+    row["hit_rate_change"] = best["tuned"].hit_rate - best["base"].hit_rate
+    return row, env
+
+
+# ----------------------------------------------------------------------------------------------
+# Peers: remoe's model.py with every expert resident against transformers' generate on the same
+# checkpoint, same prompt, same number of greedy tokens (prefill included in both), interleaved
+
+@torch.no_grad()
+def peers(path, prompt, new_tokens, repeats, device, dtype):
+    try:
+        import transformers
+        from transformers import AutoModelForCausalLM
+    except ImportError:
+        return {"skipped": "transformers is not installed (pip install transformers): no peer row"}
+    bar_was_on = transformers.utils.logging.is_progress_bar_enabled()
+    transformers.utils.logging.disable_progress_bar()  # its loading bar would break ours
+    try:
+        hf = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype).to(device).eval()
+    except Exception as e:  # an architecture this transformers version cannot load: report it, keep the rest
+        return {"skipped": f"transformers could not load {path}: {str(e).splitlines()[0]}"}
+    finally:
+        if bar_was_on:
+            transformers.utils.logging.enable_progress_bar()
+    ours = model.load_model(path, device, dtype)
+    ids = torch.tensor([prompt], device=device)
+    mask = torch.ones_like(ids)
+    runs = {"remoe": lambda n: model.generate(ours, ids, n),
+            "transformers": lambda n: hf.generate(ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
+                                                  do_sample=False, pad_token_id=0)}
+
+    def timed(fn, n):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        out = fn(n)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter() - t0, out
+
+    for fn in runs.values():
+        fn(2)  # warm-up
+    best, outs = {}, {}
+    for _ in range(repeats):
+        for name, fn in runs.items():
+            t, outs[name] = timed(fn, new_tokens)
+            best[name] = min(best.get(name, math.inf), t)
+    tps = {name: new_tokens / t for name, t in best.items()}
+    return {"remoe_tokens_per_s": tps["remoe"], "transformers_tokens_per_s": tps["transformers"],
+            "ratio": tps["remoe"] / tps["transformers"], "transformers_version": transformers.__version__,
+            "same_tokens": torch.equal(outs["remoe"].cpu(), outs["transformers"].cpu()),
+            "new_tokens": new_tokens, "dtype": str(dtype).removeprefix("torch.")}
+
+
+# ----------------------------------------------------------------------------------------------
+# The whole run: inputs checked first, then the sections in order, one progress bar over all
+
+class Progress:
+    """One progress bar over every task of the run, and the wall time of each section."""
+
+    def __init__(self, total):
+        self.bar = tqdm(total=total, desc="bench", unit="task", file=sys.stderr, disable=None, dynamic_ncols=True)
+        self.seconds, self.name, self.t0 = {}, None, time.perf_counter()
+
+    def section(self, name):
+        if self.name is not None:
+            self.seconds[self.name] = time.perf_counter() - self.t0
+        self.name, self.t0 = name, time.perf_counter()
+        self.bar.set_description(name)
+
+    def tick(self):
+        self.bar.update()
+
+    def close(self):
+        self.section(None)
+        self.bar.close()
+        return self.seconds
+
+
+def pick_dtype(device, path):
+    """The compute dtype, decided once for every section: offload_infer's rule (float32 on CPU; on CUDA
+    the experts' 16-bit dtype on disk), so that the batched passes and the engine compute alike."""
+    with cache.ExpertStore(path) as store:
+        return oi.pick_dtype(device, store)
+
+
+def run(s, log=print):
+    """Measure everything; returns the results dictionary (what results.json holds) and the traces."""
+    t_start = time.perf_counter()
+    if s.threads:
+        torch.set_num_threads(s.threads)
+    cfg = check_pair(s.base, s.tuned)
+    K, E = cfg.num_experts_per_tok, cfg.n_routed_experts
+    caps = s.capacities or capacity_grid(s.capacity_multiples, K, E, with_all=True)
+    car_caps = s.car_capacities or capacity_grid(s.car_multiples, K, E)
+    dec_caps = s.decode_capacities or capacity_grid(s.decode_multiples, K, E)
+    check_settings(s, cfg, caps + car_caps + dec_caps)
+    device, device_why = oi.pick_device(s.device)
+    dtype, dtype_why = pick_dtype(device, s.base)
+    windows, prompt, source, test_tokens = held_out(s, cfg)
+    W, T = windows.shape[0], windows.shape[1] - 1
+    paths = {"base": Path(s.base), "tuned": Path(s.tuned)}
+    dtype_name = str(dtype).removeprefix("torch.")
+    log(f"compute: {device} ({device_why}); {dtype_name} ({dtype_why}); {torch.get_num_threads()} CPU threads")
+    log(f"models: {s.base} vs {s.tuned}: {cfg.model_type}, {len(cfg.moe_layers)} MoE layers x {E} experts, "
+        f"top-{K}; test split of {source}: {W} windows x {T} tokens")
+    results = {"settings": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(s).items()},
+               "model": {"base": str(s.base), "tuned": str(s.tuned), "model_type": cfg.model_type,
+                         "moe_layers": list(cfg.moe_layers), "n_routed_experts": E, "num_experts_per_tok": K},
+               "data": {"source": source, "test_tokens": test_tokens, "seq_len": T, "windows": W},
+               "environment": {"device": str(device), "device_reason": device_why, "dtype": dtype_name,
+                               "dtype_reason": dtype_why, "threads": torch.get_num_threads(),
+                               "torch": torch.__version__}}
+    traces = {}
+    progress = Progress(2 + 2 * len(cache.POLICIES) * len(caps) + 2 * len(s.cache_bias) * len(car_caps)
+                        + len(dec_caps) + s.peers)
+
+    progress.section("quality")
+    passes = {}
+    for name, path in paths.items():
+        net = model.load_model(path, device, dtype)
+        passes[name] = teacher_forced(net, windows, s.batch_size)
+        del net  # one model in memory at a time
+        traces[f"routing_{name}"] = torch.stack(passes[name].indices)  # (L, W, T, K)
+        progress.tick()
+    results["quality"] = quality(passes, T)
+
+    progress.section("reuse")
+    results["reuse"] = reuse(passes, E)
+
+    progress.section("cache study")
+    results["cache_study"] = {"method": CACHE_METHOD, "capacities": caps,
+                              **{name: cache_study(p.indices, caps, progress.tick) for name, p in passes.items()}}
+
+    progress.section("cache-aware routing")
+    n, rows = s.car_windows, []
+    base_top1 = passes["base"].top1[:n]  # (N, T)
+    for name, p in passes.items():
+        for r in plain_rows(p, n, car_caps):
+            rows.append({"model": name, **r, "top1_agreement_with_base": (p.top1[:n] == base_top1).double().mean().item()})
+        for bias in s.cache_bias:
+            for c in car_caps:
+                r, top1, trace = cache_aware(paths[name], windows[:n], c, bias, device, dtype_name)
+                key = f"car_{len(rows)}"
+                traces[key] = trace.permute(2, 0, 1, 3)  # (N, T, L, K) -> (L, N, T, K), as the routing traces
+                rows.append({"model": name, **r, "trace": key,
+                             "top1_agreement_with_base": (top1 == base_top1).double().mean().item()})
+                progress.tick()
+    results["cache_aware"] = {"method": CAR_METHOD, "windows": n, "tokens": n * T, "policy": "lru",
+                              "biases": list(s.cache_bias), "capacities": car_caps, "rows": rows}
+
+    progress.section("decode")
+    rows = []
+    for c in dec_caps:
+        row, env = decode(paths, prompt, s.decode_tokens, c, s.repeats, device, dtype_name)
+        rows.append(row)
+        progress.tick()
+    results["decode"] = {"method": DECODE_METHOD, "prompt_ids": prompt, "new_tokens": s.decode_tokens,
+                         "repeats": s.repeats, **env, "rows": rows}
+
+    if s.peers:
+        progress.section("peers")
+        results["peers"] = peers(paths["base"], prompt, s.decode_tokens, s.repeats, device, dtype)
+        progress.tick()
+    else:
+        results["peers"] = {"skipped": "--no-peers was given"}
+    results["section_seconds"] = progress.close()
+    results["wall_seconds"] = time.perf_counter() - t_start
+    return results, traces
+
+
+# ----------------------------------------------------------------------------------------------
+# Report: a markdown summary, results.json, the traces, and three plots, each written atomically
+
+def atomic_path(path):
+    """A temp file name beside `path`, for write-then-rename."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    return Path(tmp)
+
+
+def write_atomic(path, write):
+    tmp = atomic_path(path)
+    try:
+        write(tmp)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def table(header, rows):
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return lines + ["| " + " | ".join(str(x) for x in row) + " |" for row in rows]
+
+
+def headline_capacity(r):
+    """The cache size the summary reports: 2 x top-k when measured, else the nearest measured one."""
+    target = 2 * r["model"]["num_experts_per_tok"]
+    return min(r["cache_aware"]["capacities"], key=lambda c: (abs(c - target), c))
+
+
+def markdown(r):
+    """The report, from the results dictionary alone (so every figure in it is in results.json)."""
+    K, E = r["model"]["num_experts_per_tok"], r["model"]["n_routed_experts"]
+    q, ru, cs, car, dec = r["quality"], r["reuse"], r["cache_study"], r["cache_aware"], r["decode"]
+    label = {"base": "base", "tuned": "ReMoE"}
+    out = [f"# ReMoE benchmark: `{r['model']['base']}` vs `{r['model']['tuned']}`", "",
+           f"{r['model']['model_type']}, {len(r['model']['moe_layers'])} MoE layers x {E} routed experts, top-{K}. "
+           f"Held-out text: test split of {r['data']['source']} ({r['data']['test_tokens']:,} tokens), "
+           f"{r['data']['windows']} windows x {r['data']['seq_len']} tokens. Device {r['environment']['device']}, "
+           f"CPU threads: {r['environment']['threads']}, torch {r['environment']['torch']}; "
+           f"measured in {r['wall_seconds']:.0f} s.", ""]
+
+    c = headline_capacity(r)
+    out += [f"## Summary: four contenders at a cache of {c} experts per MoE layer", "",
+            f"First {car['windows']} windows ({car['tokens']:,} tokens), LRU. Cache-aware routing measured "
+            f"sequentially, the plain models by replaying their routing (method below).", ""]
+    rows = []
+    for row in car["rows"]:
+        if row["capacity"] != c:
+            continue
+        name = label[row["model"]] + (f" + cache-aware (bias {row['bias']:g})" if row["bias"] else "")
+        rows.append([name, f"{row['perplexity']:.3f}", f"{row['top1_agreement_with_base']:.3f}",
+                     f"{row['hit_rate']:.3f}", f"{row['loads_per_token']:.2f}"])
+    out += table(["contender", "perplexity", "top-1 = base", "hit rate", "loads / token"], rows) + [""]
+    row = next((x for x in dec["rows"] if x["capacity"] == c), None)
+    if row is not None:
+        out += [f"Offloaded decoding at {c} experts per layer: ReMoE {row['tuned']['time_per_token_s'] * 1e3:.2f} "
+                f"ms/token vs base {row['base']['time_per_token_s'] * 1e3:.2f} ms/token, a speedup of "
+                f"{row['speedup']:.2f}x, with the decode hit rate going from {row['base']['hit_rate']:.3f} to "
+                f"{row['tuned']['hit_rate']:.3f}.", ""]
+
+    out += ["## Quality (all windows)", ""]
+    out += table(["model", "test perplexity", "vs base", "top-1 agreement with base"],
+                 [[label[m], f"{q[m]['perplexity']:.3f}", f"{q[m]['perplexity'] / q['base']['perplexity']:.4f}x",
+                   f"{q[m]['top1_agreement_with_base']:.4f}"] for m in ("base", "tuned")]) + [""]
+
+    out += ["## Reuse: share of a token's experts already used by the previous w tokens", ""]
+    rows = [[f"w={w}", "all", f"{ru['base']['overall'][str(w)]:.3f}", f"{ru['tuned']['overall'][str(w)]:.3f}",
+             f"{ru['change'][str(w)]:+.1%}"] for w in ru["windows"]]
+    for i, layer in enumerate(ru["layers"]):
+        b, t = ru["base"]["per_layer"]["1"][i], ru["tuned"]["per_layer"]["1"][i]
+        rows.append(["w=1", f"layer {layer}", f"{b:.3f}", f"{t:.3f}", f"{t / b - 1:+.1%}"])
+    out += table(["window", "layer", "base", "ReMoE", "change"], rows)
+    out += ["", f"Expert load max/mean over layers: base {max(ru['base']['load_max_over_mean']):.2f}, "
+                f"ReMoE {max(ru['tuned']['load_max_over_mean']):.2f} (1.00 = perfectly even).", ""]
+
+    out += ["## Cache study: hit rate against per-layer capacity", "", f"Method: {cs['method']}.", ""]
+    header = ["capacity"] + [f"{pol.upper() if pol != 'belady' else 'Belady'} {label[m]}"
+                             for pol in cache.POLICIES for m in ("base", "tuned")]
+    rows = [[cap] + [f"{cs[m][pol][i]['hit_rate']:.3f}" for pol in cache.POLICIES for m in ("base", "tuned")]
+            for i, cap in enumerate(cs["capacities"])]
+    out += table(header, rows) + [""]
+
+    out += ["## Cache-aware routing (inference-time alternative and complement)", "", f"Method: {car['method']}.", ""]
+    rows = [[row["capacity"], label[row["model"]], f"{row['bias']:g}", f"{row['hit_rate']:.3f}",
+             f"{row['loads_per_token']:.2f}", f"{row['perplexity']:.3f}", f"{row['top1_agreement_with_base']:.3f}"]
+            for row in sorted(car["rows"], key=lambda x: (x["capacity"], x["model"], x["bias"]))]
+    out += table(["capacity", "model", "bias", "hit rate", "loads / token", "perplexity", "top-1 = base"], rows) + [""]
+
+    out += [f"## Decode: offloaded, {dec['new_tokens']} greedy tokens, best of {dec['repeats']}", "",
+            f"Method: {dec['method']}. Device {dec['device']}, {dec['dtype']}, reads: {dec['io']}"
+            + (f" ({dec['io_note']})" if dec["io_note"] else "") + ".", ""]
+    rows = [[row["capacity"], f"{row['base']['time_per_token_s'] * 1e3:.2f}", f"{row['tuned']['time_per_token_s'] * 1e3:.2f}",
+             f"{row['speedup']:.2f}x", f"{row['base']['hit_rate']:.3f} -> {row['tuned']['hit_rate']:.3f}",
+             f"{row['base']['loads_per_token']:.2f} -> {row['tuned']['loads_per_token']:.2f}",
+             f"{row['base']['mb_read_per_token']:.3f} -> {row['tuned']['mb_read_per_token']:.3f}"]
+            for row in dec["rows"]]
+    out += table(["capacity", "base ms/token", "ReMoE ms/token", "speedup", "hit rate", "loads / token",
+                  "MB read / token"], rows) + [""]
+
+    p = r["peers"]
+    out += ["## Peers: all-resident decoding vs transformers' generate (same checkpoint: the base model)", ""]
+    if "skipped" in p:
+        out += [f"Skipped: {p['skipped']}.", ""]
+    else:
+        out += table(["remoe tokens/s", f"transformers {p['transformers_version']} tokens/s", "ratio",
+                      "same greedy tokens"],
+                     [[f"{p['remoe_tokens_per_s']:.1f}", f"{p['transformers_tokens_per_s']:.1f}",
+                       f"{p['ratio']:.2f}x", "yes" if p["same_tokens"] else "no"]])
+        out += ["", f"{p['new_tokens']} tokens per run including the prefill, {p['dtype']}, best of "
+                    f"{dec['repeats']}, interleaved.", ""]
+    return "\n".join(out)
+
+
+def plots(r, out_dir):
+    """hit_rate.png, decode_time.png, reuse_per_layer.png; matplotlib's object API, no global state."""
+    from matplotlib.figure import Figure
+
+    def save(fig, name):
+        path = out_dir / name
+        write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight"))
+        return str(path)
+
+    colors = {"lru": "tab:blue", "lfu": "tab:green", "belady": "black"}
+    styles = {"base": "--", "tuned": "-"}
+    label = {"base": "base", "tuned": "ReMoE"}
+    written = []
+
+    fig = Figure(figsize=(7, 4.5))
+    ax = fig.subplots()
+    cs = r["cache_study"]
+    for pol in cache.POLICIES:
+        for m in ("base", "tuned"):
+            ax.plot(cs["capacities"], [x["hit_rate"] for x in cs[m][pol]], styles[m], color=colors[pol],
+                    marker="o", ms=3, label=f"{'Belady (optimum)' if pol == 'belady' else pol.upper()} {label[m]}")
+    markers = {"base": "x", "tuned": "+"}
+    for row in r["cache_aware"]["rows"]:
+        if row["bias"]:
+            ax.plot([row["capacity"]], [row["hit_rate"]], markers[row["model"]], color="tab:red", ms=8)
+    ax.plot([], [], "x", color="tab:red", label="base + cache-aware (LRU)")
+    ax.plot([], [], "+", color="tab:red", label="ReMoE + cache-aware (LRU)")
+    ax.set(xlabel="experts cached per MoE layer", ylabel="hit rate", ylim=(0, 1.02), xticks=cs["capacities"],
+           title="Expert-cache hit rate (cold start per window)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    written.append(save(fig, "hit_rate.png"))
+
+    fig = Figure(figsize=(6, 4))
+    ax = fig.subplots()
+    rows = r["decode"]["rows"]
+    for m in ("base", "tuned"):
+        ax.plot([x["capacity"] for x in rows], [x[m]["time_per_token_s"] * 1e3 for x in rows], styles[m],
+                marker="o", label=label[m])
+    ax.set(xlabel="experts cached per MoE layer", ylabel="ms per token", xticks=[x["capacity"] for x in rows],
+           title=f"Offloaded decoding ({r['decode']['device']}, {r['decode']['io']} reads)")
+    ax.set_ylim(bottom=0)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    written.append(save(fig, "decode_time.png"))
+
+    ru = r["reuse"]
+    fig = Figure(figsize=(4 * len(ru["windows"]), 3.5))
+    axes = fig.subplots(1, len(ru["windows"]), sharey=True)
+    x = np.arange(len(ru["layers"]))
+    for ax, w in zip(np.atleast_1d(axes), ru["windows"]):
+        for j, m in enumerate(("base", "tuned")):
+            ax.bar(x + (j - 0.5) * 0.4, ru[m]["per_layer"][str(w)], 0.4, label=label[m])
+        ax.set_xticks(x, [str(layer) for layer in ru["layers"]])
+        ax.set(xlabel="MoE layer", title=f"reuse, window w={w}")
+        ax.grid(alpha=0.3, axis="y")
+    np.atleast_1d(axes)[0].set_ylabel("reuse rate")
+    np.atleast_1d(axes)[0].legend()
+    written.append(save(fig, "reuse_per_layer.png"))
+    return written
+
+
+def write_outputs(results, traces, out_dir):
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    arrays = {k: v.to(torch.int16).numpy() for k, v in traces.items()}
+    write_atomic(out_dir / "traces.npz", lambda tmp: np.savez_compressed(open(tmp, "wb"), **arrays))
+    results["files"] = {"traces": str(out_dir / "traces.npz"), "plots": plots(results, out_dir)}
+    md = markdown(results)
+    write_atomic(out_dir / "results.md", lambda tmp: tmp.write_text(md + "\n"))
+    write_json_atomic(out_dir / "results.json", results)
+    return md
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line
+
+def parse_args(argv=None):
+    """Settings from the command line: a flag given wins, then --quick's value, then Settings' default."""
+    d = Settings()
+
+    def show(v):
+        return " ".join(map(str, v)) if isinstance(v, (tuple, list)) else v
+
+    def default(name):
+        quick = f"; --quick: {show(QUICK[name])}" if name in QUICK else ""
+        return f"(default: {show(getattr(d, name))}{quick})"
+
+    def grid(name, extra=""):  # the capacity lists default to multiples of top-k
+        quick = f"; --quick: top-k x {show(QUICK[name])}{extra}" if name in QUICK else ""
+        return f"(default: top-k x {show(getattr(d, name))}{extra}{quick})"
+
+    p = argparse.ArgumentParser(description="Measure what ReMoE saves and costs against its base model and against "
+                                            "cache-aware routing, in one run.")
+    g = p.add_argument_group("models and data")
+    g.add_argument("--base", help=f"base checkpoint folder {default('base')}")
+    g.add_argument("--tuned", help=f"ReMoE-tuned checkpoint of the same architecture {default('tuned')}")
+    g.add_argument("--data", help="held-out text: file, folder or .jsonl; its test split is used (default: the "
+                                  "Python stdlib, as train.py)")
+    g.add_argument("--data-dir", help=f"token-id cache; files are keyed by corpus and tokenizer, so any model may "
+                                      f"share it {default('data_dir')}")
+    g.add_argument("--out", help=f"folder for results.md, results.json, traces.npz and the plots {default('out')}")
+    g = p.add_argument_group("held-out windows (quality, reuse, cache study)")
+    g.add_argument("--seq-len", type=int, help=f"tokens per window {default('seq_len')}")
+    g.add_argument("--windows", type=int, help=f"test windows {default('windows')}")
+    g.add_argument("--batch-size", type=int, help=f"windows per forward pass {default('batch_size')}")
+    g.add_argument("--capacities", type=int, nargs="+", help="experts cached per MoE layer in the cache study "
+                                                             + grid("capacity_multiples", ", and all experts"))
+    g = p.add_argument_group("cache-aware routing")
+    g.add_argument("--cache-bias", type=float, nargs="+",
+                   help=f"bonus on cached experts' router scores; each value is measured {default('cache_bias')}")
+    g.add_argument("--car-windows", type=int, help=f"windows decoded token by token {default('car_windows')}")
+    g.add_argument("--car-capacities", type=int, nargs="+", help="per-layer capacities for cache-aware routing "
+                                                                 + grid("car_multiples"))
+    g = p.add_argument_group("decode")
+    g.add_argument("--decode-capacities", type=int, nargs="+", help="per-layer capacities for offloaded decoding "
+                                                                    + grid("decode_multiples"))
+    g.add_argument("--decode-tokens", type=int, help=f"greedy tokens per timed run {default('decode_tokens')}")
+    g.add_argument("--prompt-tokens", type=int, help=f"prompt: the first tokens of the test split "
+                                                     f"{default('prompt_tokens')}")
+    g.add_argument("--repeats", type=int, help=f"timed runs per model; the fastest is kept {default('repeats')}")
+    g.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda if available, else cpu)")
+    g.add_argument("--threads", type=int, help="torch CPU threads, 0 for torch's choice; small models on a busy "
+                                               f"machine often run faster with 1 {default('threads')}")
+    g.add_argument("--no-peers", dest="peers", action="store_false", default=None,
+                   help="skip the comparison with transformers' generate")
+    g.add_argument("--quick", action="store_true", default=None,
+                   help="fewer windows, capacities and decode tokens, for a look in about a minute")
+    args = p.parse_args(argv)
+    s = replace(d, **QUICK) if args.quick else d
+    return replace(s, **{f.name: getattr(args, f.name) for f in fields(Settings)
+                         if getattr(args, f.name, None) is not None})
+
+
+def main(argv=None):
+    s = parse_args(argv)
+    try:
+        results, traces = run(s, log=lambda msg: print(msg, file=sys.stderr))
+        md = write_outputs(results, traces, s.out)
+    except (model.CheckpointError, DataError, oi.OffloadError, BenchError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    print(md)
+    print(f"\nwrote {Path(s.out) / 'results.md'}, results.json, traces.npz and {len(results['files']['plots'])} plots",
+          file=sys.stderr)
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,370 @@
+"""bench.py: one `--quick` run on a tiny base model and its ReMoE twin (both built with train.py, as
+tests/test_train.py builds them), then every figure of its results.json recomputed independently:
+perplexity and top-1 from model.py's logits, reuse from router.reuse_rate, cache hit rates by
+brute-force LRU / LFU / Belady loops over the models' own routing, cache-aware routing by a resident
+decode loop (model.py's modules, offload_infer.route, a brute-force LRU list) instead of the offload
+engine, decoded tokens by model.generate. Bad input must end in one `error:` line and exit code 2.
+"""
+import contextlib
+import io
+import json
+import math
+import shutil
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import bench
+import cache
+import model
+import offload_infer as oi
+import router
+import train
+from data import DataConfig, eval_windows, prepare_data
+from test_train import SMALL_RUN, finetune_args
+
+REPO = Path(__file__).resolve().parent.parent
+SEQ_LEN, WINDOWS = 32, 4
+SMALL = ["--seq-len", str(SEQ_LEN), "--windows", str(WINDOWS), "--threads", "1"]
+
+
+# ----------------------------------------------------------------------------------------------
+# fixtures: a tiny base/tuned pair, one quick run, and the models' own teacher-forced outputs
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    """A few stdlib files as the corpus; the base model with --base-only, then a short ReMoE fine-tune."""
+    out = tmp_path_factory.mktemp("bench-pair")
+    src = Path(sysconfig.get_paths()["stdlib"])
+    names = ("bisect.py", "heapq.py", "colorsys.py", "keyword.py", "textwrap.py", "queue.py", "fnmatch.py",
+             "glob.py", "shlex.py", "copy.py", "abc.py", "numbers.py", "string.py", "calendar.py", "difflib.py")
+    corpus = out / "corpus.txt"
+    corpus.write_text("\n\n".join((src / n).read_text(encoding="utf-8") for n in names))
+    with contextlib.redirect_stdout(io.StringIO()):
+        train.main(["--data", str(corpus), "--out", str(out), "--base-only", *SMALL_RUN])
+        train.main(finetune_args(corpus, out))
+    return {"corpus": corpus, "base": out / "base", "tuned": out / "remoe", "data_dir": out / "data", "root": out}
+
+
+def pair_args(pair):
+    return ["--base", str(pair["base"]), "--tuned", str(pair["tuned"]), "--data", str(pair["corpus"]),
+            "--data-dir", str(pair["data_dir"])]
+
+
+@pytest.fixture(scope="module")
+def run(pair):
+    """`python bench.py --quick` on the pair, in process; its printed output, files and results."""
+    out = pair["root"] / "bench"
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        bench.main([*pair_args(pair), "--quick", *SMALL, "--out", str(out)])
+    return {"out": out, "printed": printed.getvalue(), "results": json.loads((out / "results.json").read_text()),
+            "traces": dict(np.load(out / "traces.npz"))}
+
+
+@pytest.fixture(scope="module")
+def truth(pair):
+    """Each model's logits and routing on the same test windows, from one plain model.py forward."""
+    _, _, data = prepare_data(DataConfig(data=str(pair["corpus"])), pair["data_dir"], pair["base"])
+    windows = eval_windows(data.test, SEQ_LEN, WINDOWS)  # (W, T+1)
+    out = {"windows": windows, "test": data.test}
+    for name in ("base", "tuned"):
+        net = model.load_model(pair[name])
+        with torch.no_grad():
+            logits, routing = net(windows[:, :-1], return_routing=True)
+        out[name] = {"net": net, "logits": logits, "indices": [r.indices for r in routing]}  # [L] (W, T, K)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# independent oracles: brute-force caches over one layer's routing of one window, [T][K] lists
+
+def lru_hits(seq, capacity):
+    """Least recent first in a plain list; a token's experts are looked up before any is loaded."""
+    cached, hits = [], 0
+    for experts in seq:
+        hits += sum(e in cached for e in experts)
+        keep = [e for e in cached if e not in experts]  # a token never evicts its own experts
+        cached = keep[max(0, len(keep) + len(experts) - capacity):] + list(experts)
+    return hits
+
+
+def lfu_hits(seq, capacity):
+    """Fewest requests since the window began leaves first; ties: the least recently used."""
+    cached, count, last, clock, hits = set(), {}, {}, 0, 0
+    for experts in seq:
+        hits += sum(e in cached for e in experts)
+        for e in experts:
+            if e not in cached:
+                if len(cached) == capacity:
+                    cached.remove(min((x for x in cached if x not in experts), key=lambda x: (count[x], last[x])))
+                cached.add(e)
+            count[e], last[e], clock = count.get(e, 0) + 1, clock, clock + 1
+    return hits
+
+
+def belady_hits(seq, capacity):
+    """Evict the cached expert (not needed now) whose next request is furthest away."""
+    cached, hits = set(), 0
+    for t, experts in enumerate(seq):
+        hits += sum(e in cached for e in experts)
+        for e in experts:
+            if e not in cached:
+                if len(cached) == capacity:
+                    def next_use(x):
+                        return next((s for s in range(t + 1, len(seq)) if x in seq[s]), math.inf)
+                    cached.remove(max((x for x in cached if x not in experts), key=next_use))
+                cached.add(e)
+    return hits
+
+
+BRUTE = {"lru": lru_hits, "lfu": lfu_hits, "belady": belady_hits}
+
+
+def hit_rate(indices, capacity, policy="lru"):
+    """Hits over all layers and windows / requests, for indices [L] (W, T, K)."""
+    hits = sum(BRUTE[policy](seq, capacity) for idx in indices for seq in idx.tolist())
+    return hits / sum(idx.numel() for idx in indices)
+
+
+def test_lru_oracle_agrees_with_router_lru_hit_rate(truth):
+    for idx in truth["base"]["indices"]:
+        for c in (2, 3, 5):
+            assert hit_rate([idx], c) == pytest.approx(router.lru_hit_rate(idx, c))
+
+
+def test_oracles_by_hand():
+    """Capacity 2, one expert per token: 0 1 2 0 1. LRU: 2 evicts 0, 0 evicts 1, 1 evicts 2: no hit.
+    LFU: every count is 1 when 2 arrives, so recency decides as in LRU: no hit. Belady: 2 evicts 1
+    (next needed at t4, 0 at t3), so 0 hits at t3: one hit.
+    Capacity 3, top-2: [0,1] [2,0] [3,1] [2,0]. t1 hits 0, t2 hits 1; 3 needs a slot and may not take
+    1's: LRU evicts 2 (0 was used at t1), LFU evicts 2 too (1 request against 0's 2), Belady 0 or 2
+    (both return at t3). Each then misses one of t3's two experts: 3 hits for all three policies."""
+    one = [[0], [1], [2], [0], [1]]
+    two = [[0, 1], [2, 0], [3, 1], [2, 0]]
+    assert [BRUTE[p](one, 2) for p in ("lru", "lfu", "belady")] == [0, 0, 1]
+    assert [BRUTE[p](two, 3) for p in ("lru", "lfu", "belady")] == [3, 3, 3]
+    for seq, c in ((one, 2), (two, 3)):  # cache.py agrees with the oracles on these
+        trace = [[[[*step]]] for step in seq]  # one window, one layer, one token per step
+        for p in BRUTE:
+            assert cache.simulate([trace], p, c).hits.sum().item() == BRUTE[p](seq, c), p
+
+
+# ----------------------------------------------------------------------------------------------
+# the quick run: outputs, then each section against its oracle
+
+def test_quick_run_writes_every_output(run):
+    out, r = run["out"], run["results"]
+    md = (out / "results.md").read_text()
+    assert run["printed"].strip() == md.strip()
+    for heading in ("## Summary", "## Quality", "## Reuse", "## Cache study", "## Cache-aware routing", "## Decode",
+                    "## Peers"):
+        assert heading in md
+    assert "cold start" in md or "starts with empty caches" in md  # the cache study states its method
+    assert len(r["files"]["plots"]) == 3
+    for name in ("hit_rate.png", "decode_time.png", "reuse_per_layer.png"):
+        data = (out / name).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 2000, name
+    assert not [f for f in out.iterdir() if f.name.endswith(".tmp")]  # atomic writes leave no temp files
+    assert r["settings"]["quick"] and r["data"]["windows"] == WINDOWS and r["data"]["seq_len"] == SEQ_LEN
+
+
+def test_perplexity_and_top1_from_logits(run, truth):
+    q = run["results"]["quality"]
+    targets = truth["windows"][:, 1:]
+    for name in ("base", "tuned"):
+        logits = truth[name]["logits"]
+        ppl = math.exp(F.cross_entropy(logits.flatten(0, 1), targets.flatten()).item())
+        assert q[name]["perplexity"] == pytest.approx(ppl, rel=1e-5), name
+        agree = (logits.argmax(-1) == truth["base"]["logits"].argmax(-1)).double().mean().item()
+        assert q[name]["top1_agreement_with_base"] == pytest.approx(agree)
+    assert q["perplexity_ratio"] == pytest.approx(q["tuned"]["perplexity"] / q["base"]["perplexity"])
+
+
+def test_reuse_from_router_reuse_rate(run, truth):
+    ru = run["results"]["reuse"]
+    for w in (1, 2, 4):
+        for name in ("base", "tuned"):
+            per_layer = [router.reuse_rate(idx, w) for idx in truth[name]["indices"]]
+            assert ru[name]["per_layer"][str(w)] == pytest.approx(per_layer)
+            assert ru[name]["overall"][str(w)] == pytest.approx(sum(per_layer) / len(per_layer))
+        assert ru["change"][str(w)] == pytest.approx(ru["tuned"]["overall"][str(w)] / ru["base"]["overall"][str(w)] - 1)
+
+
+def test_recorded_traces_are_the_models_routing(run, truth):
+    for name in ("base", "tuned"):
+        assert np.array_equal(run["traces"][f"routing_{name}"], torch.stack(truth[name]["indices"]).numpy())
+
+
+def test_cache_study_by_brute_force(run, truth):
+    cs = run["results"]["cache_study"]
+    cfg = truth["base"]["net"].config
+    K, E = cfg.num_experts_per_tok, cfg.n_routed_experts
+    assert cs["capacities"] == bench.capacity_grid(bench.QUICK["capacity_multiples"], K, E, with_all=True)
+    assert cs["capacities"][0] == K and cs["capacities"][-1] == E
+    tokens = WINDOWS * SEQ_LEN
+    for name in ("base", "tuned"):
+        for policy in ("lru", "lfu", "belady"):
+            for row in cs[name][policy]:
+                want = hit_rate(truth[name]["indices"], row["capacity"], policy)
+                assert row["hit_rate"] == pytest.approx(want), (name, policy, row["capacity"])
+                requests = tokens * K * len(truth[name]["indices"])
+                assert row["loads_per_token"] == pytest.approx((1 - want) * requests / tokens)
+        for lru, bel in zip(cs[name]["lru"], cs[name]["belady"]):
+            assert bel["hit_rate"] >= lru["hit_rate"] - 1e-12  # nothing beats the optimum
+
+
+@torch.no_grad()
+def resident_cache_aware(net, windows, capacity, bias):
+    """Cache-aware routing without the offload engine: model.py's resident modules run one token at a
+    time, the bonus goes to the experts a brute-force LRU list holds, and that list counts the hits."""
+    cfg = net.config
+    nll, hits, requests, top1 = 0.0, 0, 0, []
+    for w in windows:
+        kv, cached = model.KVCache(), {l: [] for l in cfg.moe_layers}  # least recent first
+        for t in range(len(w) - 1):
+            ids = w[None, t:t + 1]
+            cos, sin = net.rope(kv.length, 1, ids.device)
+            x = net.model.embed_tokens(ids)  # (1, 1, D)
+            for block in net.model.layers:
+                x = x + block.self_attn(block.input_layernorm(x), cos, sin, kv)
+                h = block.post_attention_layernorm(x)
+                if not isinstance(block.mlp, model.MoE):
+                    x = x + block.mlp(h)
+                    continue
+                moe, flat = block.mlp, h.view(1, -1)  # (1, D)
+                bonus = torch.zeros(cfg.n_routed_experts)
+                bonus[cached[moe.layer]] = bias
+                idx, weights, _ = oi.route(moe.gate, flat, bonus)
+                experts = idx[0].tolist()
+                hits += sum(e in cached[moe.layer] for e in experts)
+                requests += len(experts)
+                keep = [e for e in cached[moe.layer] if e not in experts]
+                cached[moe.layer] = keep[max(0, len(keep) + len(experts) - capacity):] + experts
+                x = x + (model.run_experts(flat, idx, weights, moe.experts) + moe.shared(flat)).view_as(x)
+            kv.length += 1
+            logits = net.lm_head(net.model.norm(x))[0, -1]  # (V,)
+            nll += F.cross_entropy(logits[None], w[None, t + 1]).item()
+            top1.append(logits.argmax().item())
+    tokens = windows.shape[0] * (windows.shape[1] - 1)
+    return hits / requests, math.exp(nll / tokens), torch.tensor(top1).view(windows.shape[0], -1)
+
+
+def test_cache_aware_routing_against_a_resident_loop(run, truth):
+    car = run["results"]["cache_aware"]
+    n = car["windows"]
+    windows = truth["windows"][:n]
+    base_top1 = truth["base"]["logits"][:n].argmax(-1)
+    assert {row["bias"] for row in car["rows"]} == {0.0, *bench.Settings.cache_bias}
+    assert len(car["rows"]) == 2 * len(car["capacities"]) * (1 + len(bench.Settings.cache_bias))
+    for row in car["rows"]:
+        t = truth[row["model"]]
+        if row["bias"] == 0:  # the plain model: its batched routing replayed, its batched logits
+            indices = [idx[:n] for idx in t["indices"]]
+            assert row["hit_rate"] == pytest.approx(hit_rate(indices, row["capacity"]))
+            ce = F.cross_entropy(t["logits"][:n].flatten(0, 1), windows[:, 1:].flatten()).item()
+            assert row["perplexity"] == pytest.approx(math.exp(ce), rel=1e-5)
+            top1 = t["logits"][:n].argmax(-1)
+        else:
+            rate, ppl, top1 = resident_cache_aware(t["net"], windows, row["capacity"], row["bias"])
+            assert row["hit_rate"] == pytest.approx(rate), row
+            assert row["perplexity"] == pytest.approx(ppl, rel=1e-5), row
+            # the routing the engine recorded, replayed by brute force, gives its own hit rate
+            trace = torch.from_numpy(run["traces"][row["trace"]].astype(np.int64))  # (L, N, T, K)
+            assert hit_rate(list(trace), row["capacity"]) == pytest.approx(row["hit_rate"])
+        assert row["top1_agreement_with_base"] == pytest.approx((top1 == base_top1).double().mean().item())
+    # at the largest bonus, cache-aware routing hits at least as often as plain routing of the same model
+    top = max(bench.Settings.cache_bias)
+    for name in ("base", "tuned"):
+        for c in car["capacities"]:
+            plain = next(r for r in car["rows"] if (r["model"], r["capacity"], r["bias"]) == (name, c, 0.0))
+            biased = next(r for r in car["rows"] if (r["model"], r["capacity"], r["bias"]) == (name, c, top))
+            assert biased["hit_rate"] >= plain["hit_rate"]
+
+
+def test_decode_rows(run, truth):
+    dec = run["results"]["decode"]
+    cfg = truth["base"]["net"].config
+    K, L = cfg.num_experts_per_tok, len(cfg.moe_layers)
+    assert [row["capacity"] for row in dec["rows"]] == bench.capacity_grid(bench.QUICK["decode_multiples"], K,
+                                                                           cfg.n_routed_experts)
+    assert dec["prompt_ids"] == [int(t) for t in truth["test"][: bench.Settings.prompt_tokens]]
+    prompt = torch.tensor([dec["prompt_ids"]])
+    for name in ("base", "tuned"):  # greedy: the offloaded decode gives the resident model's tokens
+        want = model.generate(truth[name]["net"], prompt, dec["new_tokens"])[0, prompt.shape[1]:].tolist()
+        for row in dec["rows"]:
+            assert row[name]["generated_ids"] == want, (name, row["capacity"])
+    for row in dec["rows"]:
+        for name in ("base", "tuned"):
+            r = row[name]
+            assert r["time_per_token_s"] > 0
+            assert r["loads_per_token"] == pytest.approx((1 - r["hit_rate"]) * K * L)  # K x L requests per token
+            assert (r["mb_read_per_token"] > 0) == (r["loads_per_token"] > 0)
+            # bytes actually moved: at least the experts loaded (O_DIRECT reads whole aligned blocks)
+            assert r["mb_read_per_token"] * 1e6 >= r["loads_per_token"] * dec["expert_bytes"] - 1e-6
+        assert row["speedup"] == pytest.approx(row["base"]["time_per_token_s"] / row["tuned"]["time_per_token_s"])
+        assert row["hit_rate_change"] == pytest.approx(row["tuned"]["hit_rate"] - row["base"]["hit_rate"])
+
+
+def test_peer_row(run):
+    peers = run["results"]["peers"]
+    try:
+        import transformers  # noqa: F401
+    except ImportError:
+        assert "not installed" in peers["skipped"]
+        return
+    assert peers["remoe_tokens_per_s"] > 0 and peers["transformers_tokens_per_s"] > 0
+    assert peers["ratio"] == pytest.approx(peers["remoe_tokens_per_s"] / peers["transformers_tokens_per_s"])
+    assert "transformers" in (run["out"] / "results.md").read_text()
+
+
+# ----------------------------------------------------------------------------------------------
+# settings and bad input
+
+def test_capacity_grid_and_quick_defaults():
+    # the default model: top-4 of 32 -> 4, 6, 8, 12, 16, 24, 32
+    assert bench.capacity_grid(bench.Settings.capacity_multiples, 4, 32, with_all=True) == [4, 6, 8, 12, 16, 24, 32]
+    assert bench.capacity_grid((1, 2, 4), 2, 8) == [2, 4, 8]
+    assert bench.capacity_grid((4, 8), 3, 8) == [8]  # capped at E
+    s = bench.parse_args(["--quick", "--windows", "5"])
+    assert (s.windows, s.car_windows, s.decode_tokens) == (5, bench.QUICK["car_windows"], bench.QUICK["decode_tokens"])
+    s = bench.parse_args([])
+    assert (s.windows, s.quick, s.peers) == (bench.Settings.windows, False, True)
+    assert bench.parse_args(["--no-peers"]).peers is False
+
+
+def test_bad_input_is_one_line(pair, tmp_path):
+    def variant(name, **changes):
+        """A copy of the tuned model whose config.json differs from the base model's."""
+        dst = tmp_path / name
+        shutil.copytree(pair["tuned"], dst)
+        cfg = json.loads((dst / "config.json").read_text())
+        (dst / "config.json").write_text(json.dumps({**cfg, **changes}))
+        return dst
+
+    data = ["--data", str(pair["corpus"]), "--data-dir", str(pair["data_dir"]), "--out", str(tmp_path / "out")]
+    cases = {
+        "missing base": (["--base", str(tmp_path / "nope"), "--tuned", str(pair["tuned"])], "model folder does not exist"),
+        "missing tuned": (["--base", str(pair["base"]), "--tuned", str(tmp_path / "nope")], "python train.py"),
+        "other architecture": (["--base", str(pair["base"]), "--tuned", str(variant("arch", model_type="qwen3_moe"))],
+                               "differ in model_type"),
+        "other expert count": (["--base", str(pair["base"]), "--tuned", str(variant("experts", n_routed_experts=16))],
+                               "differ in n_routed_experts"),
+        "capacity > E": ([*pair_args(pair), "--capacities", "2", "99"], "capacity 99 must be between 1 and"),
+    }
+    procs = {name: subprocess.Popen([sys.executable, str(REPO / "bench.py"), *argv, *data], stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+             for name, (argv, _) in cases.items()}
+    for name, proc in procs.items():
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 2, (name, err)
+        assert "Traceback" not in err, name
+        lines = err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: ") and cases[name][1] in lines[0], (name, err)
+    assert not (tmp_path / "out").exists()  # nothing is written before the input is checked

@@ -34,6 +34,7 @@ Shapes: W windows, T tokens per window, L MoE layers, K top-k, E routed experts,
 """
 
 import argparse
+import json
 import math
 import os
 import sys
@@ -53,7 +54,6 @@ import model
 import offload_infer as oi
 import router
 from data import DataConfig, DataError, eval_windows, prepare_data
-from train import write_json_atomic
 
 REUSE_WINDOWS = (1, 2, 4)
 
@@ -122,8 +122,9 @@ def check_pair(base, tuned):
         cfg_t = model.read_config(tuned)
     except model.CheckpointError as e:
         if not Path(tuned).is_dir():
-            make = "python train.py" if Path(base) == Path(Settings.base) else f"python train.py --model {base}"
-            raise model.CheckpointError(f"{e} (train.py writes the tuned model: {make})") from None
+            hint = ("make it with: python train.py" if Path(base) == Path(Settings.base)
+                    else f"train.py writes it to OUT/remoe: python train.py --model {base} --out OUT")
+            raise model.CheckpointError(f"{e} ({hint})") from None
         raise
     if not cfg.moe_layers:
         raise BenchError(f"{base}: {cfg.model_type} config has no MoE layers: there is no routing to study")
@@ -302,14 +303,15 @@ def plain_rows(p, n, capacities):
 
 
 # ----------------------------------------------------------------------------------------------
-# Decode: real offloaded decoding with O_DIRECT reads, base and tuned interleaved so that machine
-# noise hits both alike; every timed run starts from an empty cache, the fastest of `repeats` is kept
+# Decode: real offloaded decoding with O_DIRECT reads, base and tuned interleaved (alternating who
+# goes first) so that machine noise hits both alike; every timed run starts from an empty cache, and
+# the fastest of `repeats` is kept, since noise on a shared machine only ever adds time
 
 DECODE_METHOD = ("OffloadEngine with --io direct, greedy, the same prompt (the first tokens of the test split) for "
-                 "both models; warm-up first, then base and tuned interleaved, each run from an empty cache with the "
-                 "page cache dropped, best of `repeats`; time per token excludes the prefill and the first token; "
-                 "speedup = base time / tuned time. Greedy continuations repeat themselves more than held-out text, "
-                 "so decode hit rates run higher than the cache study's")
+                 "both models; warm-up first, then base and tuned interleaved, alternating which goes first, each "
+                 "run from an empty cache with the page cache dropped, best of `repeats`; time per token excludes "
+                 "the prefill and the first token; speedup = base time / tuned time. Greedy continuations repeat "
+                 "themselves more than held-out text, so decode hit rates run higher than the cache study's")
 
 
 def decode(paths, prompt, new_tokens, capacity, repeats, device, dtype):
@@ -319,8 +321,9 @@ def decode(paths, prompt, new_tokens, capacity, repeats, device, dtype):
         for e in engines.values():
             e.generate(prompt, 2)  # warm-up: allocator, kernels, code paths
         best = {}
-        for _ in range(repeats):
-            for name, e in engines.items():
+        for i in range(repeats):
+            for name in list(engines)[:: 1 if i % 2 == 0 else -1]:  # alternate who goes first
+                e = engines[name]
                 e.reset_cache()
                 e.store.drop_page_cache()
                 e.reset_stats()
@@ -474,8 +477,8 @@ def run(s, log=print):
     n, rows = s.car_windows, []
     base_top1 = passes["base"].top1[:n]  # (N, T)
     for name, p in passes.items():
-        for r in plain_rows(p, n, car_caps):
-            rows.append({"model": name, **r, "top1_agreement_with_base": (p.top1[:n] == base_top1).double().mean().item()})
+        agree = (p.top1[:n] == base_top1).double().mean().item()
+        rows += [{"model": name, **r, "top1_agreement_with_base": agree} for r in plain_rows(p, n, car_caps)]
         for bias in s.cache_bias:
             for c in car_caps:
                 r, top1, trace = cache_aware(paths[name], windows[:n], c, bias, device, dtype_name)
@@ -510,15 +513,11 @@ def run(s, log=print):
 # ----------------------------------------------------------------------------------------------
 # Report: a markdown summary, results.json, the traces, and three plots, each written atomically
 
-def atomic_path(path):
-    """A temp file name beside `path`, for write-then-rename."""
+def write_atomic(path, write):
+    """write(tmp) to a temp file beside `path`, then rename it onto `path`: a reader never sees half a file."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
-    return Path(tmp)
-
-
-def write_atomic(path, write):
-    tmp = atomic_path(path)
+    tmp = Path(tmp)
     try:
         write(tmp)
         os.chmod(tmp, 0o644)
@@ -533,167 +532,200 @@ def table(header, rows):
     return lines + ["| " + " | ".join(str(x) for x in row) + " |" for row in rows]
 
 
+LABEL = {"base": "base", "tuned": "ReMoE"}
+POLICY_NAME = {"lru": "LRU", "lfu": "LFU", "belady": "Belady"}
+
+
 def headline_capacity(r):
     """The cache size the summary reports: 2 x top-k when measured, else the nearest measured one."""
     target = 2 * r["model"]["num_experts_per_tok"]
     return min(r["cache_aware"]["capacities"], key=lambda c: (abs(c - target), c))
 
 
-def markdown(r):
-    """The report, from the results dictionary alone (so every figure in it is in results.json)."""
-    K, E = r["model"]["num_experts_per_tok"], r["model"]["n_routed_experts"]
-    q, ru, cs, car, dec = r["quality"], r["reuse"], r["cache_study"], r["cache_aware"], r["decode"]
-    label = {"base": "base", "tuned": "ReMoE"}
-    out = [f"# ReMoE benchmark: `{r['model']['base']}` vs `{r['model']['tuned']}`", "",
-           f"{r['model']['model_type']}, {len(r['model']['moe_layers'])} MoE layers x {E} routed experts, top-{K}. "
-           f"Held-out text: test split of {r['data']['source']} ({r['data']['test_tokens']:,} tokens), "
-           f"{r['data']['windows']} windows x {r['data']['seq_len']} tokens. Device {r['environment']['device']}, "
-           f"CPU threads: {r['environment']['threads']}, torch {r['environment']['torch']}; "
-           f"measured in {r['wall_seconds']:.0f} s.", ""]
-
-    c = headline_capacity(r)
-    out += [f"## Summary: four contenders at a cache of {c} experts per MoE layer", "",
-            f"First {car['windows']} windows ({car['tokens']:,} tokens), LRU. Cache-aware routing measured "
-            f"sequentially, the plain models by replaying their routing (method below).", ""]
-    rows = []
-    for row in car["rows"]:
-        if row["capacity"] != c:
-            continue
-        name = label[row["model"]] + (f" + cache-aware (bias {row['bias']:g})" if row["bias"] else "")
-        rows.append([name, f"{row['perplexity']:.3f}", f"{row['top1_agreement_with_base']:.3f}",
-                     f"{row['hit_rate']:.3f}", f"{row['loads_per_token']:.2f}"])
+def md_summary(r):
+    car, c = r["cache_aware"], headline_capacity(r)
+    out = [f"## Summary: four contenders at a cache of {c} experts per MoE layer", "",
+           f"First {car['windows']} windows ({car['tokens']:,} tokens), LRU, cache-aware routing at biases "
+           f"{', '.join(f'{b:g}' for b in car['biases'])}: measured sequentially; the plain models: their routing "
+           f"replayed (methods below).", ""]
+    rows = [[LABEL[x["model"]] + (f" + cache-aware (bias {x['bias']:g})" if x["bias"] else ""),
+             f"{x['perplexity']:.3f}", f"{x['top1_agreement_with_base']:.3f}", f"{x['hit_rate']:.3f}",
+             f"{x['loads_per_token']:.2f}"] for x in car["rows"] if x["capacity"] == c]
     out += table(["contender", "perplexity", "top-1 = base", "hit rate", "loads / token"], rows) + [""]
-    row = next((x for x in dec["rows"] if x["capacity"] == c), None)
+    row = next((x for x in r["decode"]["rows"] if x["capacity"] == c), None)
     if row is not None:
         out += [f"Offloaded decoding at {c} experts per layer: ReMoE {row['tuned']['time_per_token_s'] * 1e3:.2f} "
                 f"ms/token vs base {row['base']['time_per_token_s'] * 1e3:.2f} ms/token, a speedup of "
                 f"{row['speedup']:.2f}x, with the decode hit rate going from {row['base']['hit_rate']:.3f} to "
                 f"{row['tuned']['hit_rate']:.3f}.", ""]
+    return out
 
-    out += ["## Quality (all windows)", ""]
-    out += table(["model", "test perplexity", "vs base", "top-1 agreement with base"],
-                 [[label[m], f"{q[m]['perplexity']:.3f}", f"{q[m]['perplexity'] / q['base']['perplexity']:.4f}x",
-                   f"{q[m]['top1_agreement_with_base']:.4f}"] for m in ("base", "tuned")]) + [""]
 
-    out += ["## Reuse: share of a token's experts already used by the previous w tokens", ""]
+def md_quality(r):
+    q = r["quality"]
+    rows = [[LABEL[m], f"{q[m]['loss']:.4f}", f"{q[m]['perplexity']:.3f}",
+             f"{q[m]['perplexity'] / q['base']['perplexity']:.4f}x", f"{q[m]['top1_agreement_with_base']:.4f}"]
+            for m in ("base", "tuned")]
+    return (["## Quality (all windows)", ""]
+            + table(["model", "test loss", "test perplexity", "vs base", "top-1 agreement with base"], rows) + [""])
+
+
+def md_reuse(r):
+    ru = r["reuse"]
     rows = [[f"w={w}", "all", f"{ru['base']['overall'][str(w)]:.3f}", f"{ru['tuned']['overall'][str(w)]:.3f}",
              f"{ru['change'][str(w)]:+.1%}"] for w in ru["windows"]]
-    for i, layer in enumerate(ru["layers"]):
-        b, t = ru["base"]["per_layer"]["1"][i], ru["tuned"]["per_layer"]["1"][i]
-        rows.append(["w=1", f"layer {layer}", f"{b:.3f}", f"{t:.3f}", f"{t / b - 1:+.1%}"])
-    out += table(["window", "layer", "base", "ReMoE", "change"], rows)
-    out += ["", f"Expert load max/mean over layers: base {max(ru['base']['load_max_over_mean']):.2f}, "
-                f"ReMoE {max(ru['tuned']['load_max_over_mean']):.2f} (1.00 = perfectly even).", ""]
+    for w in ru["windows"]:
+        for i, layer in enumerate(ru["layers"]):
+            b, t = ru["base"]["per_layer"][str(w)][i], ru["tuned"]["per_layer"][str(w)][i]
+            rows.append([f"w={w}", f"layer {layer}", f"{b:.3f}", f"{t:.3f}", f"{t / b - 1:+.1%}"])
+    load = {m: max(ru[m]["load_max_over_mean"]) for m in ("base", "tuned")}
+    return (["## Reuse: share of a token's experts already used by the previous w tokens", ""]
+            + table(["window", "layer", "base", "ReMoE", "change"], rows)
+            + ["", f"Expert load, max/mean of the most unbalanced layer: base {load['base']:.2f}, "
+                   f"ReMoE {load['tuned']:.2f} (1.00 = perfectly even).", ""])
 
-    out += ["## Cache study: hit rate against per-layer capacity", "", f"Method: {cs['method']}.", ""]
-    header = ["capacity"] + [f"{pol.upper() if pol != 'belady' else 'Belady'} {label[m]}"
-                             for pol in cache.POLICIES for m in ("base", "tuned")]
-    rows = [[cap] + [f"{cs[m][pol][i]['hit_rate']:.3f}" for pol in cache.POLICIES for m in ("base", "tuned")]
+
+def md_cache_study(r):
+    cs = r["cache_study"]
+    header = ["capacity"] + [f"{POLICY_NAME[p]} {LABEL[m]}" for p in cache.POLICIES for m in ("base", "tuned")]
+    rows = [[cap] + [f"{cs[m][p][i]['hit_rate']:.3f}" for p in cache.POLICIES for m in ("base", "tuned")]
             for i, cap in enumerate(cs["capacities"])]
-    out += table(header, rows) + [""]
+    return ["## Cache study: hit rate against per-layer capacity", "", f"Method: {cs['method']}.", ""] + table(
+        header, rows) + [""]
 
-    out += ["## Cache-aware routing (inference-time alternative and complement)", "", f"Method: {car['method']}.", ""]
-    rows = [[row["capacity"], label[row["model"]], f"{row['bias']:g}", f"{row['hit_rate']:.3f}",
-             f"{row['loads_per_token']:.2f}", f"{row['perplexity']:.3f}", f"{row['top1_agreement_with_base']:.3f}"]
-            for row in sorted(car["rows"], key=lambda x: (x["capacity"], x["model"], x["bias"]))]
-    out += table(["capacity", "model", "bias", "hit rate", "loads / token", "perplexity", "top-1 = base"], rows) + [""]
 
-    out += [f"## Decode: offloaded, {dec['new_tokens']} greedy tokens, best of {dec['repeats']}", "",
-            f"Method: {dec['method']}. Device {dec['device']}, {dec['dtype']}, reads: {dec['io']}"
-            + (f" ({dec['io_note']})" if dec["io_note"] else "") + ".", ""]
-    rows = [[row["capacity"], f"{row['base']['time_per_token_s'] * 1e3:.2f}", f"{row['tuned']['time_per_token_s'] * 1e3:.2f}",
-             f"{row['speedup']:.2f}x", f"{row['base']['hit_rate']:.3f} -> {row['tuned']['hit_rate']:.3f}",
-             f"{row['base']['loads_per_token']:.2f} -> {row['tuned']['loads_per_token']:.2f}",
-             f"{row['base']['mb_read_per_token']:.3f} -> {row['tuned']['mb_read_per_token']:.3f}"]
-            for row in dec["rows"]]
-    out += table(["capacity", "base ms/token", "ReMoE ms/token", "speedup", "hit rate", "loads / token",
-                  "MB read / token"], rows) + [""]
+def md_cache_aware(r):
+    car = r["cache_aware"]
+    rows = [[x["capacity"], LABEL[x["model"]], f"{x['bias']:g}", f"{x['hit_rate']:.3f}", f"{x['loads_per_token']:.2f}",
+             f"{x['perplexity']:.3f}", f"{x['top1_agreement_with_base']:.3f}"]
+            for x in sorted(car["rows"], key=lambda x: (x["capacity"], x["model"], x["bias"]))]
+    return (["## Cache-aware routing: the inference-time alternative, alone and on top of ReMoE", "",
+             f"Method: {car['method']}.", ""]
+            + table(["capacity", "model", "bias", "hit rate", "loads / token", "perplexity", "top-1 = base"], rows)
+            + [""])
 
+
+def md_decode(r):
+    dec = r["decode"]
+    io = dec["io"] + (f" ({dec['io_note']})" if dec["io_note"] else "")
+    rows = [[x["capacity"], f"{x['base']['time_per_token_s'] * 1e3:.2f}", f"{x['tuned']['time_per_token_s'] * 1e3:.2f}",
+             f"{x['speedup']:.2f}x", f"{x['base']['hit_rate']:.3f} -> {x['tuned']['hit_rate']:.3f}",
+             f"{x['base']['loads_per_token']:.2f} -> {x['tuned']['loads_per_token']:.2f}",
+             f"{x['base']['mb_read_per_token']:.3f} -> {x['tuned']['mb_read_per_token']:.3f}"] for x in dec["rows"]]
+    return ([f"## Decode: offloaded, {dec['new_tokens']} greedy tokens, best of {dec['repeats']}", "",
+             f"Method: {dec['method']}. Device {dec['device']}, {dec['dtype']}, reads: {io}.", ""]
+            + table(["capacity", "base ms/token", "ReMoE ms/token", "speedup", "hit rate", "loads / token",
+                     "MB read / token"], rows) + [""])
+
+
+def md_peers(r):
     p = r["peers"]
-    out += ["## Peers: all-resident decoding vs transformers' generate (same checkpoint: the base model)", ""]
+    out = ["## Peers: all-resident decoding vs transformers' generate (same checkpoint: the base model)", ""]
     if "skipped" in p:
-        out += [f"Skipped: {p['skipped']}.", ""]
-    else:
-        out += table(["remoe tokens/s", f"transformers {p['transformers_version']} tokens/s", "ratio",
-                      "same greedy tokens"],
-                     [[f"{p['remoe_tokens_per_s']:.1f}", f"{p['transformers_tokens_per_s']:.1f}",
-                       f"{p['ratio']:.2f}x", "yes" if p["same_tokens"] else "no"]])
-        out += ["", f"{p['new_tokens']} tokens per run including the prefill, {p['dtype']}, best of "
-                    f"{dec['repeats']}, interleaved.", ""]
+        return out + [f"Skipped: {p['skipped']}.", ""]
+    rows = [[f"{p['remoe_tokens_per_s']:.1f}", f"{p['transformers_tokens_per_s']:.1f}", f"{p['ratio']:.2f}x",
+             "yes" if p["same_tokens"] else "no"]]
+    return out + table(["remoe tokens/s", f"transformers {p['transformers_version']} tokens/s", "ratio",
+                        "same greedy tokens"], rows) + [
+        "", f"{p['new_tokens']} tokens per run, prefill included, {p['dtype']}, best of {r['decode']['repeats']}, "
+            f"interleaved.", ""]
+
+
+def markdown(r):
+    """The report, from the results dictionary alone (so every figure in it is in results.json)."""
+    m, d, env = r["model"], r["data"], r["environment"]
+    out = [f"# ReMoE benchmark: `{m['base']}` vs `{m['tuned']}`", "",
+           f"{m['model_type']}, {len(m['moe_layers'])} MoE layers x {m['n_routed_experts']} routed experts, "
+           f"top-{m['num_experts_per_tok']}. Held-out text: test split of {d['source']} ({d['test_tokens']:,} "
+           f"tokens), {d['windows']} windows x {d['seq_len']} tokens. {env['device']}, {env['dtype']}, "
+           f"{env['threads']} CPU thread(s), torch {env['torch']}; measured in {r['wall_seconds']:.0f} s.", ""]
+    for section in (md_summary, md_quality, md_reuse, md_cache_study, md_cache_aware, md_decode, md_peers):
+        out += section(r)
     return "\n".join(out)
 
 
-def plots(r, out_dir):
-    """hit_rate.png, decode_time.png, reuse_per_layer.png; matplotlib's object API, no global state."""
-    from matplotlib.figure import Figure
+STYLE = {"base": "--", "tuned": "-"}  # line style per model in every plot
+COLOR = {"lru": "tab:blue", "lfu": "tab:green", "belady": "black"}
 
-    def save(fig, name):
-        path = out_dir / name
-        write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight"))
-        return str(path)
 
-    colors = {"lru": "tab:blue", "lfu": "tab:green", "belady": "black"}
-    styles = {"base": "--", "tuned": "-"}
-    label = {"base": "base", "tuned": "ReMoE"}
-    written = []
-
-    fig = Figure(figsize=(7, 4.5))
-    ax = fig.subplots()
-    cs = r["cache_study"]
+def plot_hit_rate(r, fig):
+    """Hit rate against capacity: each policy for both models, Belady's optimum as the ceiling, and the
+    cache-aware runs as single points labelled with their bias."""
+    ax, cs = fig.subplots(), r["cache_study"]
     for pol in cache.POLICIES:
         for m in ("base", "tuned"):
-            ax.plot(cs["capacities"], [x["hit_rate"] for x in cs[m][pol]], styles[m], color=colors[pol],
-                    marker="o", ms=3, label=f"{'Belady (optimum)' if pol == 'belady' else pol.upper()} {label[m]}")
-    markers = {"base": "x", "tuned": "+"}
+            ax.plot(cs["capacities"], [x["hit_rate"] for x in cs[m][pol]], STYLE[m], color=COLOR[pol], marker="o",
+                    ms=3, label=f"{POLICY_NAME[pol]}{' (optimum)' * (pol == 'belady')} {LABEL[m]}")
+    marker = {"base": "x", "tuned": "+"}
     for row in r["cache_aware"]["rows"]:
         if row["bias"]:
-            ax.plot([row["capacity"]], [row["hit_rate"]], markers[row["model"]], color="tab:red", ms=8)
-    ax.plot([], [], "x", color="tab:red", label="base + cache-aware (LRU)")
-    ax.plot([], [], "+", color="tab:red", label="ReMoE + cache-aware (LRU)")
+            ax.plot([row["capacity"]], [row["hit_rate"]], marker[row["model"]], color="tab:red", ms=8)
+            ax.annotate(f"{row['bias']:g}", (row["capacity"], row["hit_rate"]), xytext=(5, -3),
+                        textcoords="offset points", fontsize=6, color="tab:red")
+    for m in ("base", "tuned"):
+        ax.plot([], [], marker[m], color="tab:red", label=f"{LABEL[m]} + cache-aware, LRU (bias)")
     ax.set(xlabel="experts cached per MoE layer", ylabel="hit rate", ylim=(0, 1.02), xticks=cs["capacities"],
            title="Expert-cache hit rate (cold start per window)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    written.append(save(fig, "hit_rate.png"))
 
-    fig = Figure(figsize=(6, 4))
-    ax = fig.subplots()
-    rows = r["decode"]["rows"]
+
+def plot_decode_time(r, fig):
+    ax, rows = fig.subplots(), r["decode"]["rows"]
     for m in ("base", "tuned"):
-        ax.plot([x["capacity"] for x in rows], [x[m]["time_per_token_s"] * 1e3 for x in rows], styles[m],
-                marker="o", label=label[m])
+        ax.plot([x["capacity"] for x in rows], [x[m]["time_per_token_s"] * 1e3 for x in rows], STYLE[m],
+                marker="o", label=LABEL[m])
     ax.set(xlabel="experts cached per MoE layer", ylabel="ms per token", xticks=[x["capacity"] for x in rows],
            title=f"Offloaded decoding ({r['decode']['device']}, {r['decode']['io']} reads)")
     ax.set_ylim(bottom=0)
     ax.grid(alpha=0.3)
     ax.legend()
-    written.append(save(fig, "decode_time.png"))
 
+
+def plot_reuse(r, fig):
+    """One panel per window w: base and ReMoE reuse rate side by side for every MoE layer."""
     ru = r["reuse"]
-    fig = Figure(figsize=(4 * len(ru["windows"]), 3.5))
-    axes = fig.subplots(1, len(ru["windows"]), sharey=True)
+    axes = np.atleast_1d(fig.subplots(1, len(ru["windows"]), sharey=True))
     x = np.arange(len(ru["layers"]))
-    for ax, w in zip(np.atleast_1d(axes), ru["windows"]):
+    for ax, w in zip(axes, ru["windows"]):
         for j, m in enumerate(("base", "tuned")):
-            ax.bar(x + (j - 0.5) * 0.4, ru[m]["per_layer"][str(w)], 0.4, label=label[m])
+            ax.bar(x + (j - 0.5) * 0.4, ru[m]["per_layer"][str(w)], 0.4, label=LABEL[m])
         ax.set_xticks(x, [str(layer) for layer in ru["layers"]])
         ax.set(xlabel="MoE layer", title=f"reuse, window w={w}")
         ax.grid(alpha=0.3, axis="y")
-    np.atleast_1d(axes)[0].set_ylabel("reuse rate")
-    np.atleast_1d(axes)[0].legend()
-    written.append(save(fig, "reuse_per_layer.png"))
+    axes[0].set_ylabel("reuse rate")
+    axes[0].legend()
+
+
+def plots(r, out_dir):
+    """The three PNGs, drawn with matplotlib's object API (no pyplot, so no global state)."""
+    from matplotlib.figure import Figure
+
+    written = []
+    for name, draw, size in (("hit_rate.png", plot_hit_rate, (7, 4.5)), ("decode_time.png", plot_decode_time, (6, 4)),
+                             ("reuse_per_layer.png", plot_reuse, (4 * len(r["reuse"]["windows"]), 3.5))):
+        fig = Figure(figsize=size)
+        draw(r, fig)
+        path = Path(out_dir) / name
+        write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight"))
+        written.append(str(path))
     return written
 
 
 def write_outputs(results, traces, out_dir):
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    arrays = {k: v.to(torch.int16).numpy() for k, v in traces.items()}
-    write_atomic(out_dir / "traces.npz", lambda tmp: np.savez_compressed(open(tmp, "wb"), **arrays))
+    arrays = {k: v.to(torch.int16).numpy() for k, v in traces.items()}  # expert ids: (L, windows, T, K) each
+
+    def save_traces(tmp):
+        with open(tmp, "wb") as f:  # a file object, so that numpy does not append .npz to the temp name
+            np.savez_compressed(f, **arrays)
+
+    write_atomic(out_dir / "traces.npz", save_traces)
     results["files"] = {"traces": str(out_dir / "traces.npz"), "plots": plots(results, out_dir)}
     md = markdown(results)
     write_atomic(out_dir / "results.md", lambda tmp: tmp.write_text(md + "\n"))
-    write_json_atomic(out_dir / "results.json", results)
+    write_atomic(out_dir / "results.json", lambda tmp: tmp.write_text(json.dumps(results, indent=2) + "\n"))
     return md
 
 

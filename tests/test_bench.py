@@ -6,6 +6,7 @@ decode loop (model.py's modules, offload_infer.route, a brute-force LRU list) in
 engine, decoded tokens by model.generate. Bad input must end in one `error:` line and exit code 2.
 """
 import contextlib
+import importlib.util
 import io
 import json
 import math
@@ -314,9 +315,7 @@ def test_decode_rows(run, truth):
 
 def test_peer_row(run):
     peers = run["results"]["peers"]
-    try:
-        import transformers  # noqa: F401
-    except ImportError:
+    if importlib.util.find_spec("transformers") is None:
         assert "not installed" in peers["skipped"]
         return
     assert peers["remoe_tokens_per_s"] > 0 and peers["transformers_tokens_per_s"] > 0
@@ -350,7 +349,8 @@ def test_bad_input_is_one_line(pair, tmp_path):
 
     data = ["--data", str(pair["corpus"]), "--data-dir", str(pair["data_dir"]), "--out", str(tmp_path / "out")]
     cases = {
-        "missing base": (["--base", str(tmp_path / "nope"), "--tuned", str(pair["tuned"])], "model folder does not exist"),
+        "missing base": (["--base", str(tmp_path / "nope"), "--tuned", str(pair["tuned"])],
+                         "model folder does not exist"),
         "missing tuned": (["--base", str(pair["base"]), "--tuned", str(tmp_path / "nope")], "python train.py"),
         "other architecture": (["--base", str(pair["base"]), "--tuned", str(variant("arch", model_type="qwen3_moe"))],
                                "differ in model_type"),

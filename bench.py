@@ -234,7 +234,8 @@ def reuse(passes, E):
 
 CACHE_METHOD = ("routing of the teacher-forced test windows replayed one token per step in window order; "
                 "each window starts with empty caches; one cache of `capacity` experts per MoE layer; a token's "
-                "top-k are needed together (cache.simulate defaults); hit rate = hits / (tokens x top-k x MoE layers)")
+                "top-k are needed together (cache.simulate defaults); hit rate = hits / (tokens x top-k x MoE layers). "
+                "Belady is the optimum for a fixed routing: cache-aware routing changes the routing, so it can pass it")
 
 
 def cache_study(indices, capacities, tick):
@@ -655,7 +656,7 @@ def plot_hit_rate(r, fig):
     for pol in cache.POLICIES:
         for m in ("base", "tuned"):
             ax.plot(cs["capacities"], [x["hit_rate"] for x in cs[m][pol]], STYLE[m], color=COLOR[pol], marker="o",
-                    ms=3, label=f"{POLICY_NAME[pol]}{' (optimum)' * (pol == 'belady')} {LABEL[m]}")
+                    ms=3, label=f"{POLICY_NAME[pol]}{' (optimum for this routing)' * (pol == 'belady')} {LABEL[m]}")
     marker = {"base": "x", "tuned": "+"}
     for row in r["cache_aware"]["rows"]:
         if row["bias"]:

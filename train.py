@@ -127,14 +127,6 @@ def unigram_loss(train, test, vocab_size):
 # ----------------------------------------------------------------------------------------------
 # Saving in the Hugging Face layout, atomically (a temp folder renamed into place)
 
-def write_json_atomic(path, obj):
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
-
-
 def new_temp_dir(out_dir):
     """An empty folder beside out_dir, to be renamed onto it by replace_dir once complete."""
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -176,6 +168,7 @@ def save_hf_checkpoint(model, config_dict, out_dir, tokenizer_file=None, extra_f
 
 def save_state_atomic(obj, path):
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     torch.save(obj, tmp)
@@ -486,6 +479,7 @@ def run_remoe(args):
     t0 = time.perf_counter()
     device, dtype, why = pick_device(args)
     model = load_model(args.model_dir, device=device, dtype=dtype)
+    model.gradient_checkpointing = device != "cpu"  # GPU memory is the limit there; on CPU, time is
     router_parameters(model)  # freeze before wrapping: DDP and FSDP register what is trainable then
     rank, world, ddp_model = setup_distributed(model, args.fsdp)
     if rank == 0:

@@ -187,3 +187,54 @@ def test_bad_input_is_one_line(tmp_path):
                          capture_output=True, text=True, cwd=tmp_path)
     assert run.returncode == 2 and "Traceback" not in run.stderr
     assert run.stderr.strip().startswith("error:") and "missing" in run.stderr and len(run.stderr.strip().splitlines()) == 1
+
+
+def test_pretraining_resumes_after_interruption(base_run, corpus, tmp_path, monkeypatch):
+    """Kill pretraining mid-way; the same command resumes from the saved state and ends with the
+    same weights as the uninterrupted run."""
+    import router
+    real, calls = router.balance_loss, {"n": 0}
+
+    def interrupted(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    args = ["--data", str(corpus), "--out", str(tmp_path), "--base-only", *SMALL_RUN, "--save-every", "1"]
+    monkeypatch.setattr(router, "balance_loss", interrupted)
+    with pytest.raises(SystemExit) as e:
+        train.main(args)
+    assert e.value.code == 130 and not (tmp_path / "base").exists()
+    assert (tmp_path / "base.pretrain-state.pt").exists()
+    monkeypatch.setattr(router, "balance_loss", real)
+    train.main(args)
+    assert not (tmp_path / "base.pretrain-state.pt").exists()
+    a, b = read_tensors(base_run / "base"), read_tensors(tmp_path / "base")
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_sweep_prints_one_row_per_lambda(base_run, corpus, tmp_path, capsys):
+    shutil.copytree(base_run / "base", tmp_path / "base")
+    train.main(finetune_args(corpus, tmp_path, "--stage-steps", "1,1,1", "--sweep", "0,0.5"))
+    out = capsys.readouterr().out
+    table = out[out.index("lambda  reuse"):].splitlines()
+    assert [row.split()[0] for row in table[1:3]] == ["0", "0.5"]
+    for lam in ("0", "0.5"):
+        assert (tmp_path / f"sweep-lambda{lam}" / "remoe" / "model.safetensors").exists()
+
+
+def test_gradient_checkpointing_gives_the_same_router_gradients(base_run):
+    grads = []
+    for recompute in (False, True):
+        model = remoe.load_model(base_run / "base").train()
+        model.gradient_checkpointing = recompute
+        gates = train.router_parameters(model)
+        ids = torch.randint(0, model.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(2))
+        logits, routing = model(ids, return_routing=True)
+        import router
+        (logits.logsumexp(-1).mean() + router.reuse_loss(routing)).backward()
+        grads.append([g.weight.grad.clone() for g in gates])
+    for a, b in zip(*grads):
+        assert_close(b, a, atol=1e-6, msg="router gradient with checkpointing")

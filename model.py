@@ -672,7 +672,8 @@ def dequantize_fp8(w, scale_inv, block):
 def read_config(path):
     path = Path(path)
     if not path.is_dir():
-        raise CheckpointError(f"{path}: model folder does not exist")
+        raise CheckpointError(f"{path}: model folder does not exist "
+                              "(python train.py builds the default ones in runs/default)")
     cfg_file = path / "config.json"
     if not cfg_file.is_file():
         raise CheckpointError(f"{path}: no config.json in the model folder")

@@ -76,8 +76,7 @@ DEFAULT_BASE = {
 
 
 def base_config(vocab_size, eot_id, **overrides):
-    cfg = {**DEFAULT_BASE, **overrides, "vocab_size": vocab_size, "bos_token_id": eot_id, "eos_token_id": eot_id}
-    return cfg
+    return {**DEFAULT_BASE, **overrides, "vocab_size": vocab_size, "bos_token_id": eot_id, "eos_token_id": eot_id}
 
 
 def init_weights(model, std=0.02):
@@ -178,7 +177,7 @@ def save_state_atomic(obj, path):
 # ----------------------------------------------------------------------------------------------
 # Pretraining the base model
 
-def pretrain(args, data, tokenizer_file, out_dir):
+def pretrain(args, data, out_dir):
     """Next-token loss + switch balance loss, AdamW with warm-up and cosine decay. Resumable: the
     training state is saved atomically every --save-every steps beside the output folder."""
     torch.manual_seed(args.seed)
@@ -207,29 +206,28 @@ def pretrain(args, data, tokenizer_file, out_dir):
 
     model.train()
     tokens_per_step = args.batch_size * args.seq_len
-    bar = tqdm(total=args.pretrain_steps, initial=step, desc="pretrain base", unit="step", dynamic_ncols=True)
     t0 = time.perf_counter()
-    while step < args.pretrain_steps:
-        batch = random_batch(data.train, args.batch_size, args.seq_len, gen)  # (B, T+1)
-        logits, routing = model(batch[:, :-1], return_routing=True)
-        lm = F.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten())
-        bal = router.balance_loss(routing, E, kind="switch")
-        loss = lm + args.balance_coef * bal
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        step += 1
-        rate = (step - bar.initial) * tokens_per_step / (time.perf_counter() - t0)
-        bar.set_postfix(loss=f"{lm.item():.3f}", balance=f"{bal.item():.3f}", tok_s=f"{rate:,.0f}")
-        bar.update(1)
-        if step % args.save_every == 0 and step < args.pretrain_steps:
-            save_state_atomic({"config": config_dict, "steps": args.pretrain_steps, "step": step,
-                               "model": model.state_dict(), "opt": opt.state_dict(), "gen": gen.get_state()},
-                              state_file)
-    bar.close()
+    with tqdm(total=args.pretrain_steps, initial=step, desc="pretrain base", unit="step", dynamic_ncols=True) as bar:
+        while step < args.pretrain_steps:
+            batch = random_batch(data.train, args.batch_size, args.seq_len, gen)  # (B, T+1)
+            logits, routing = model(batch[:, :-1], return_routing=True)
+            lm = F.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten())
+            bal = router.balance_loss(routing, E, kind="switch")
+            loss = lm + args.balance_coef * bal
+            for g in opt.param_groups:
+                g["lr"] = lr_at(step)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            step += 1
+            rate = (step - bar.initial) * tokens_per_step / (time.perf_counter() - t0)
+            bar.set_postfix(loss=f"{lm.item():.3f}", balance=f"{bal.item():.3f}", tok_s=f"{rate:,.0f}")
+            bar.update(1)
+            if step % args.save_every == 0 and step < args.pretrain_steps:
+                save_state_atomic({"config": config_dict, "steps": args.pretrain_steps, "step": step,
+                                   "model": model.state_dict(), "opt": opt.state_dict(), "gen": gen.get_state()},
+                                  state_file)
     model.eval()
     wall = time.perf_counter() - t0
     return model, config_dict, wall, state_file
@@ -241,7 +239,7 @@ def build_default_base(args, out_dir):
     corpus, tok, data = prepare_data(DataConfig(data=args.data, vocab_size=args.vocab_size), args.data_dir)
     print(f"corpus: {len(corpus.train)} train / {len(corpus.val)} val / {len(corpus.test)} test documents, "
           f"{len(data.train):,} / {len(data.val):,} / {len(data.test):,} tokens, vocab {data.vocab_size}")
-    model, config_dict, wall, state_file = pretrain(args, data, Path(args.data_dir) / "tokenizer.json", out_dir)
+    model, config_dict, wall, state_file = pretrain(args, data, out_dir)
     cache = 2 * model.config.num_experts_per_tok
     metrics, _ = evaluate(model, data.test, args.seq_len, args.eval_windows, cache_sizes=(cache,))
     uni = unigram_loss(data.train, data.test, data.vocab_size)
@@ -370,32 +368,32 @@ def finetune(args, model, data, out_dir, dist_info):
     for i in range(stage_i, len(plan)):
         name, steps, split, lam_at, beta = plan[i]
         tokens = getattr(data, split)
-        bar = tqdm(total=steps, initial=step, desc=f"stage {name}", unit="step", dynamic_ncols=True, disable=rank != 0)
         model.train()
-        while step < steps:
-            batch = random_batch(tokens, args.batch_size, args.seq_len, gen)  # (B, T+1), the same on every rank
-            batch = batch[rank * per_rank:(rank + 1) * per_rank]  # this rank's share of the global batch
-            inputs, targets = batch[:, :-1], batch[:, 1:]
-            lam = lam_at(step / max(1, steps))
-            teacher = teacher_logits(model, gates, base_weights, inputs) if args.distill_weight else None
-            logits, routing = ddp_model(inputs, return_routing=True)
-            lm = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
-            reuse = router.reuse_loss(routing, window=args.window)
-            bal = router.balance_loss(routing, E, kind=args.balance)
-            loss = lm + lam * reuse + beta * bal
-            if teacher is not None:
-                kl = F.kl_div(F.log_softmax(logits.float(), -1), F.log_softmax(teacher.float(), -1),
-                              log_target=True, reduction="none").sum(-1).mean()
-                loss = loss + args.distill_weight * kl
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            step += 1
-            bar.set_postfix(lm=f"{lm.item():.3f}", reuse=f"{reuse.item():.3f}", bal=f"{bal.item():.3f}")
-            bar.update(1)
-            if step % args.save_every == 0 and step < steps:
-                save_state(i, step)
-        bar.close()
+        with tqdm(total=steps, initial=step, desc=f"stage {name}", unit="step", dynamic_ncols=True,
+                  disable=rank != 0) as bar:
+            while step < steps:
+                batch = random_batch(tokens, args.batch_size, args.seq_len, gen)  # (B, T+1), the same on every rank
+                batch = batch[rank * per_rank:(rank + 1) * per_rank]  # this rank's share of the global batch
+                inputs, targets = batch[:, :-1], batch[:, 1:]
+                lam = lam_at(step / max(1, steps))
+                teacher = teacher_logits(model, gates, base_weights, inputs) if args.distill_weight else None
+                logits, routing = ddp_model(inputs, return_routing=True)
+                lm = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+                reuse = router.reuse_loss(routing, window=args.window)
+                bal = router.balance_loss(routing, E, kind=args.balance)
+                loss = lm + lam * reuse + beta * bal
+                if teacher is not None:
+                    kl = F.kl_div(F.log_softmax(logits.float(), -1), F.log_softmax(teacher.float(), -1),
+                                  log_target=True, reduction="none").sum(-1).mean()
+                    loss = loss + args.distill_weight * kl
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                step += 1
+                bar.set_postfix(lm=f"{lm.item():.3f}", reuse=f"{reuse.item():.3f}", bal=f"{bal.item():.3f}")
+                bar.update(1)
+                if step % args.save_every == 0 and step < steps:
+                    save_state(i, step)
         model.eval()
         evaluate_stage(name)
         save_state(i + 1, 0)
@@ -609,7 +607,8 @@ def main(argv=None):
                 build_default_base(args, args.model_dir)
             else:
                 print(f"using the default base model in {args.model_dir} (--rebuild-base to pretrain it again)")
-                print_base_report(json.loads((args.model_dir / "results.json").read_text()))
+                if (args.model_dir / "results.json").is_file():
+                    print_base_report(json.loads((args.model_dir / "results.json").read_text()))
             if args.base_only:
                 return
         if args.sweep:

@@ -7,6 +7,8 @@ still collects while model.py is being written.
 
 import os
 import sys
+import sysconfig
+from pathlib import Path
 
 import pytest
 
@@ -16,7 +18,7 @@ for _p in (REPO_ROOT, TESTS_DIR):  # `import model` and `import tiny` under plai
     if _p not in sys.path:
         sys.path.insert(0, _p)
 
-from tiny import VARIANTS, make_checkpoint  # noqa: E402
+from tiny import SMALL_RUN, VARIANTS, make_checkpoint  # noqa: E402
 
 
 def pytest_configure(config):
@@ -67,3 +69,25 @@ def loaded(tiny):
         return cache[variant_id]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory):
+    """A few real stdlib files: enough text for a small BPE and a few batches, quick to tokenise."""
+    src = Path(sysconfig.get_paths()["stdlib"])
+    names = ("bisect.py", "heapq.py", "colorsys.py", "keyword.py", "textwrap.py", "queue.py", "fnmatch.py",
+             "glob.py", "shlex.py", "copy.py", "abc.py", "numbers.py", "string.py", "calendar.py", "difflib.py")
+    # one text file: data.py cuts it into ~2,000-character documents, which the hash splits three ways
+    f = tmp_path_factory.mktemp("corpus") / "corpus.txt"
+    f.write_text("\n\n".join((src / n).read_text(encoding="utf-8") for n in names))
+    return f
+
+
+@pytest.fixture(scope="session")
+def base_run(corpus, tmp_path_factory):
+    """The small base model built by `python train.py --base-only`, once per session."""
+    out = tmp_path_factory.mktemp("run")
+    import train
+
+    train.main(["--data", str(corpus), "--out", str(out), "--base-only", *SMALL_RUN])
+    return out

@@ -11,9 +11,6 @@ import io
 import json
 import math
 import shutil
-import subprocess
-import sys
-import sysconfig
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +25,8 @@ import offload_infer as oi
 import router
 import train
 from data import DataConfig, eval_windows, prepare_data
-from test_train import SMALL_RUN, finetune_args
+from test_train import finetune_args
+from tiny import assert_cli_errors
 
 REPO = Path(__file__).resolve().parent.parent
 SEQ_LEN, WINDOWS = 32, 4
@@ -39,16 +37,11 @@ SMALL = ["--seq-len", str(SEQ_LEN), "--windows", str(WINDOWS), "--threads", "1"]
 # fixtures: a tiny base/tuned pair, one quick run, and the models' own teacher-forced outputs
 
 @pytest.fixture(scope="module")
-def pair(tmp_path_factory):
-    """A few stdlib files as the corpus; the base model with --base-only, then a short ReMoE fine-tune."""
+def pair(corpus, base_run, tmp_path_factory):
+    """The session's small base model (conftest.py) and a short ReMoE fine-tune of it."""
     out = tmp_path_factory.mktemp("bench-pair")
-    src = Path(sysconfig.get_paths()["stdlib"])
-    names = ("bisect.py", "heapq.py", "colorsys.py", "keyword.py", "textwrap.py", "queue.py", "fnmatch.py",
-             "glob.py", "shlex.py", "copy.py", "abc.py", "numbers.py", "string.py", "calendar.py", "difflib.py")
-    corpus = out / "corpus.txt"
-    corpus.write_text("\n\n".join((src / n).read_text(encoding="utf-8") for n in names))
+    shutil.copytree(base_run / "base", out / "base")
     with contextlib.redirect_stdout(io.StringIO()):
-        train.main(["--data", str(corpus), "--out", str(out), "--base-only", *SMALL_RUN])
         train.main(finetune_args(corpus, out))
     return {"corpus": corpus, "base": out / "base", "tuned": out / "remoe", "data_dir": out / "data", "root": out}
 
@@ -358,13 +351,5 @@ def test_bad_input_is_one_line(pair, tmp_path):
                                "differ in n_routed_experts"),
         "capacity > E": ([*pair_args(pair), "--capacities", "2", "99"], "capacity 99 must be between 1 and"),
     }
-    procs = {name: subprocess.Popen([sys.executable, str(REPO / "bench.py"), *argv, *data], stdout=subprocess.PIPE,
-                                    stderr=subprocess.PIPE, text=True, cwd=tmp_path)
-             for name, (argv, _) in cases.items()}
-    for name, proc in procs.items():
-        out, err = proc.communicate(timeout=120)
-        assert proc.returncode == 2, (name, err)
-        assert "Traceback" not in err, name
-        lines = err.strip().splitlines()
-        assert len(lines) == 1 and lines[0].startswith("error: ") and cases[name][1] in lines[0], (name, err)
+    assert_cli_errors(REPO / "bench.py", cases, cwd=tmp_path, extra=data)
     assert not (tmp_path / "out").exists()  # nothing is written before the input is checked

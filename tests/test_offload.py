@@ -4,8 +4,6 @@ must add up and equal cache.py's simulator replaying the routing it recorded; ca
 must reduce to plain routing at bias 0; bad input must end in one `error:` line and exit code 2.
 """
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -13,7 +11,7 @@ import torch
 import cache
 import model
 import offload_infer as oi
-from tiny import (make_checkpoint, random_ids, read_config, read_tensors, write_checkpoint,
+from tiny import (assert_cli_errors, make_checkpoint, random_ids, read_config, read_tensors, write_checkpoint,
                   write_fp8_checkpoint)
 
 @pytest.fixture(autouse=True, scope="module")
@@ -217,15 +215,7 @@ def test_cli_bad_input_is_one_line(tiny, no_experts):
                         "longer than the model's context"),
         "no tokenizer": (["--model", str(path), "--prompt", "hello"], "no tokenizer.json"),
     }
-    procs = {name: subprocess.Popen([sys.executable, "offload_infer.py", *argv], stdout=subprocess.PIPE,
-                                    stderr=subprocess.PIPE, text=True, cwd=oi.Path(oi.__file__).parent)
-             for name, (argv, _) in cases.items()}
-    for name, proc in procs.items():
-        out, err = proc.communicate(timeout=120)
-        assert proc.returncode == 2, (name, err)
-        assert "Traceback" not in err, name
-        lines = err.strip().splitlines()
-        assert len(lines) == 1 and lines[0].startswith("error: ") and cases[name][1] in lines[0], (name, err)
+    assert_cli_errors("offload_infer.py", cases, cwd=oi.Path(oi.__file__).parent)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

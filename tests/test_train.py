@@ -7,7 +7,6 @@ import os
 import shutil
 import subprocess
 import sys
-import sysconfig
 from pathlib import Path
 
 import pytest
@@ -16,37 +15,9 @@ from safetensors import safe_open
 
 import model as remoe
 import train
-from tiny import assert_close, load_oracle, make_checkpoint, read_tensors
+from tiny import SMALL_RUN, assert_close, load_oracle, make_checkpoint, read_tensors
 
 REPO = Path(__file__).resolve().parent.parent
-
-# a base model "built the same way" as the default (train.DEFAULT_BASE), only smaller
-SMALL_BASE = dict(hidden_size=32, num_hidden_layers=3, intermediate_size=48, num_attention_heads=2,
-                  num_key_value_heads=2, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8,
-                  n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=16)
-SMALL_RUN = ["--vocab-size", "320", "--batch-size", "4", "--seq-len", "32", "--eval-windows", "4",
-             "--pretrain-steps", "4", "--base-overrides", json.dumps(SMALL_BASE), "--seed", "0"]
-
-
-@pytest.fixture(scope="session")
-def corpus(tmp_path_factory):
-    """A few real stdlib files: enough text for a small BPE and a few batches, quick to tokenise."""
-    src = Path(sysconfig.get_paths()["stdlib"])
-    names = ("bisect.py", "heapq.py", "colorsys.py", "keyword.py", "textwrap.py", "queue.py", "fnmatch.py",
-             "glob.py", "shlex.py", "copy.py", "abc.py", "numbers.py", "string.py", "calendar.py", "difflib.py")
-    # one text file: data.py cuts it into ~2,000-character documents, which the hash splits three ways
-    f = tmp_path_factory.mktemp("corpus") / "corpus.txt"
-    f.write_text("\n\n".join((src / n).read_text(encoding="utf-8") for n in names))
-    return f
-
-
-@pytest.fixture(scope="session")
-def base_run(corpus, tmp_path_factory):
-    """The small base model built by `python train.py --base-only`, once per session."""
-    out = tmp_path_factory.mktemp("run")
-    train.main(["--data", str(corpus), "--out", str(out), "--base-only", *SMALL_RUN])
-    return out
-
 
 def test_base_model_is_a_hugging_face_checkpoint(base_run):
     base = base_run / "base"

@@ -97,6 +97,15 @@ ARCH_VARIANTS = [
 VARIANT_IDS = [vid for vid, _, _ in ARCH_VARIANTS]
 VARIANTS = {vid: (arch, overrides) for vid, arch, overrides in ARCH_VARIANTS}
 
+# ---------------------------------------------------------------- the small default-like base (train.py)
+
+# a base model "built the same way" as the default (train.DEFAULT_BASE), only smaller
+SMALL_BASE = dict(hidden_size=32, num_hidden_layers=3, intermediate_size=48, num_attention_heads=2,
+                  num_key_value_heads=2, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8,
+                  n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=16)
+SMALL_RUN = ["--vocab-size", "320", "--batch-size", "4", "--seq-len", "32", "--eval-windows", "4",
+             "--pretrain-steps", "4", "--base-overrides", json.dumps(SMALL_BASE), "--seed", "0"]
+
 # ---------------------------------------------------------------- building checkpoints
 
 
@@ -357,3 +366,20 @@ def random_ids(vocab_size, batch, length, seed=0):
     """Deterministic random token ids, independent of the global RNG."""
     gen = torch.Generator().manual_seed(seed)
     return torch.randint(0, vocab_size, (batch, length), generator=gen)
+
+
+def assert_cli_errors(script, cases, cwd, extra=()):
+    """Run `python script ARGS` for every case {name: (args, text)} side by side; each must exit 2 with
+    exactly one stderr line `error: ...` containing `text`, and no traceback."""
+    import subprocess
+    import sys
+
+    procs = {name: subprocess.Popen([sys.executable, str(script), *argv, *extra], stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE, text=True, cwd=cwd)
+             for name, (argv, _) in cases.items()}
+    for name, proc in procs.items():
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode == 2, (name, err)
+        assert "Traceback" not in err, name
+        lines = err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: ") and cases[name][1] in lines[0], (name, err)

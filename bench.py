@@ -120,11 +120,11 @@ def check_pair(base, tuned):
     cfg = model.read_config(base)
     try:
         cfg_t = model.read_config(tuned)
-    except model.CheckpointError as e:
+    except model.UserError as e:
         if not Path(tuned).is_dir():
             hint = ("make it with: python train.py" if Path(base) == Path(Settings.base)
                     else f"train.py writes it to OUT/remoe: python train.py --model {base} --out OUT")
-            raise model.CheckpointError(f"{e} ({hint})") from None
+            raise model.UserError(f"{e} ({hint})") from None
         raise
     if not cfg.moe_layers:
         raise BenchError(f"{base}: {cfg.model_type} config has no MoE layers: there is no routing to study")
@@ -795,7 +795,7 @@ def main(argv=None):
     try:
         results, traces = run(s, log=lambda msg: print(msg, file=sys.stderr))
         md = write_outputs(results, traces, s.out)
-    except (model.CheckpointError, DataError, oi.OffloadError, BenchError) as e:
+    except (model.UserError, DataError, oi.OffloadError, BenchError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     print(md)

@@ -322,7 +322,7 @@ class ExpertStore:
         cfg = self.cfg
         if not cfg.moe_layers or not any(model.is_routed_expert(name) for name in infos):
             example = self._name(cfg.moe_layers[0] if cfg.moe_layers else 0, 0, "gate_proj")
-            raise model.CheckpointError(f"{self.path}: no routed expert tensors in the checkpoint "
+            raise model.UserError(f"{self.path}: no routed expert tensors in the checkpoint "
                                         f"(expected names like {example!r})")
         D, Fw = cfg.hidden_size, cfg.moe_intermediate_size
         shapes = {"gate_proj": (Fw, D), "up_proj": (Fw, D), "down_proj": (D, Fw)}
@@ -334,13 +334,13 @@ class ExpertStore:
                     name = self._name(layer, e, proj)
                     info = infos.get(name)
                     if info is None:
-                        raise model.CheckpointError(f"{self.path}: missing routed expert tensor {name!r}")
+                        raise model.UserError(f"{self.path}: missing routed expert tensor {name!r}")
                     if info.shape != shapes[proj]:
-                        raise model.CheckpointError(f"{info.file}: tensor {name!r} has shape {list(info.shape)}, "
+                        raise model.UserError(f"{info.file}: tensor {name!r} has shape {list(info.shape)}, "
                                                     f"config implies {list(shapes[proj])}")
                     scale = infos.get(name + "_scale_inv") if info.dtype in FP8_DTYPES else None
                     if info.dtype in FP8_DTYPES and scale is None:
-                        raise model.CheckpointError(f"{info.file}: FP8 tensor {name!r} has no "
+                        raise model.UserError(f"{info.file}: FP8 tensor {name!r} has no "
                                                     f"{name + '_scale_inv'!r}")
                     parts.append((info, scale))
                 index[(layer, e)] = parts
@@ -381,7 +381,7 @@ class ExpertStore:
             a, b = self._aligned(info)
             n = os.preadv(self.direct_fds[info.file], [memoryview(self.buffer)[: b - a]], a)
             if n < info.end - a:
-                raise model.CheckpointError(f"{info.file}: short read at byte {a} ({n} bytes)")
+                raise model.UserError(f"{info.file}: short read at byte {a} ({n} bytes)")
             self.bytes_read += n
             t = torch.frombuffer(self.buffer, dtype=info.dtype, count=count, offset=info.start - a)
         else:
@@ -514,9 +514,9 @@ def main(argv=None):
             return
         tok = model.load_tokenizer(path)
         if tok is None:
-            raise model.CheckpointError(f"{path}: no tokenizer.json to encode --text")
+            raise model.UserError(f"{path}: no tokenizer.json to encode --text")
         net = model.load_model(path)
-    except model.CheckpointError as e:
+    except model.UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     ids = tok.encode(Path(args.text).read_text()).ids[: min(args.tokens, cfg.max_position_embeddings)]

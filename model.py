@@ -21,7 +21,6 @@ Left out: padding masks, sliding windows, dropout, tensor parallelism.
 
     python model.py --model runs/default/base                     # summary of a checkpoint
     python model.py --model runs/default/base --prompt "def main():" --max-new-tokens 40
-    python model.py --model runs/default/base --bench             # decode tokens/s vs transformers
 
 Shapes: B batch, T tokens (S with the KV cache), D hidden, H heads, KV key/value heads,
 hd head dim, N = B*T flattened tokens, E routed experts, K top-k, F expert width, V vocab.
@@ -31,9 +30,13 @@ import argparse
 import json
 import math
 import mmap
+import os
+import secrets
+import shutil
 import struct
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
@@ -46,8 +49,130 @@ import torch.utils.checkpoint
 SUPPORTED_MODEL_TYPES = ("deepseek_v2", "deepseek_v3", "qwen2_moe", "qwen3_moe", "olmoe", "mixtral")
 
 
-class CheckpointError(Exception):
-    """Bad checkpoint input; the message is one line naming the file or key and what was expected."""
+# ----------------------------------------------------------------------------------------------
+# What every script shares, kept here because this is the lowest file: where the default models
+# live, how bad input ends a program, how device and dtype are chosen, and how files are written
+
+DEFAULT_RUN = Path("runs/default")           # `python train.py` writes here: data/, base/, remoe/
+DEFAULT_BASE_DIR = DEFAULT_RUN / "base"      # the default base model (base.py builds it)
+DEFAULT_TUNED_DIR = DEFAULT_RUN / "remoe"    # its ReMoE-tuned twin (train.py)
+
+
+def default_model_dir():
+    """The model a script uses when none is given: the tuned default if train.py made one, else the base."""
+    return DEFAULT_TUNED_DIR if DEFAULT_TUNED_DIR.is_dir() else DEFAULT_BASE_DIR
+
+
+class UserError(Exception):
+    """Bad input: a file, key, flag or value that is not what was expected. The message is one line
+    that names it and says what was expected; `user_errors` turns it into that line and exit status 2."""
+
+
+@contextmanager
+def user_errors():
+    """Around a script's work: a UserError ends the program with `error: <message>` and status 2,
+    never a traceback."""
+    try:
+        yield
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def pick_device(requested=None):
+    """(device, reason): the --device flag when given, else CUDA when present, else the CPU."""
+    if requested:
+        try:
+            device = torch.device(requested)
+        except RuntimeError:
+            device = None
+        if device is None or device.type not in ("cpu", "cuda"):
+            raise UserError(f"--device must be cpu, cuda or cuda:N, got {requested!r}")
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise UserError(f"--device {requested} was requested but no CUDA device is available")
+        return device, "requested with --device"
+    if torch.cuda.is_available():
+        return torch.device("cuda"), "a CUDA device is available"
+    return torch.device("cpu"), "no CUDA device is available"
+
+
+def pick_dtype(device, stored=torch.float32, requested=None):
+    """(compute dtype, reason), decided once per run. On the CPU float32, since bfloat16 matmuls run
+    about 100x slower there; on CUDA the checkpoint's own dtype (`stored`), with FP8 computed in bfloat16."""
+    if requested:
+        dtype = getattr(torch, str(requested), None)
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise UserError(f"--dtype must be float32, bfloat16 or float16, got {requested!r}")
+        return dtype, "requested with --dtype"
+    if torch.device(device).type == "cpu":
+        return torch.float32, "float32 on the CPU, where 16-bit matmuls are ~100x slower"
+    if stored in (torch.float8_e4m3fn, torch.float8_e5m2):
+        return torch.bfloat16, "FP8 weights are computed in bfloat16"
+    return stored, f"the checkpoint's own dtype ({str(stored).removeprefix('torch.')})"
+
+
+def stored_dtype(path):
+    """The floating dtype that holds most of a checkpoint's bytes (its weights' dtype on disk)."""
+    by_dtype = {}
+    for info in checkpoint_tensors(Path(path)).values():
+        if info.dtype.is_floating_point:
+            by_dtype[info.dtype] = by_dtype.get(info.dtype, 0) + info.end - info.start
+    return max(by_dtype, key=by_dtype.get) if by_dtype else torch.float32
+
+
+@contextmanager
+def atomic_write(path):
+    """Yields a temporary path beside `path`; when the block ends without error it is renamed onto
+    `path` (a file, or a folder the block created), so a reader sees the old version or the new one,
+    never half of one. On error, Ctrl-C included, the temporary is removed; what a killed process left
+    behind is removed by the next write to the same path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
+    try:
+        yield tmp
+        if path.is_dir() and tmp.is_dir():  # a folder cannot be renamed onto another: move the old one aside
+            old = path.with_name(f".{path.name}.old-{os.getpid()}-{secrets.token_hex(4)}")
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
+        raise
+
+
+def remove_stale_temps(path):
+    """Remove the temporaries of writes to `path` whose process is gone (killed mid-write), and put
+    back a folder that was moved aside when the process died between the two renames."""
+    for tmp in path.parent.glob(f".{path.name}.*-*-*"):
+        kind, pid = tmp.name[len(path.name) + 2:].split("-")[:2]
+        if kind not in ("tmp", "old") or not pid.isdigit() or pid_alive(int(pid)):
+            continue
+        if kind == "old" and not path.exists():
+            os.replace(tmp, path)
+        elif tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            tmp.unlink(missing_ok=True)
+
+
+def pid_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # it exists, owned by someone else
+    return True
+
+
+def write_json(path, obj):
+    """obj as indented JSON, written atomically."""
+    with atomic_write(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2) + "\n")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -119,10 +244,10 @@ def config_from_hf(d):
     """Map a Hugging Face config.json dict (legacy hub keys or transformers-5 keys) to ModelConfig."""
     mt = d.get("model_type")
     if mt not in SUPPORTED_MODEL_TYPES:
-        raise CheckpointError(f"model_type {mt!r} is not supported; supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
+        raise UserError(f"model_type {mt!r} is not supported; supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
     for key in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads"):
         if not isinstance(d.get(key), int):
-            raise CheckpointError(f"config key {key!r} must be an integer, got {d.get(key)!r}")
+            raise UserError(f"config key {key!r} must be an integer, got {d.get(key)!r}")
     L, H = d["num_hidden_layers"], d["num_attention_heads"]
     c = ModelConfig(model_type=mt, vocab_size=d["vocab_size"], hidden_size=d["hidden_size"], num_hidden_layers=L,
                     rms_norm_eps=d.get("rms_norm_eps", 1e-6), tie_word_embeddings=d.get("tie_word_embeddings", False),
@@ -133,7 +258,7 @@ def config_from_hf(d):
     c.rope_theta = float(rp.get("rope_theta", d.get("rope_theta", 1e6 if mt == "mixtral" else 10000.0)))
     c.rope_type = rp.get("rope_type", rp.get("type", "default"))
     if c.rope_type not in ("default", "yarn"):
-        raise CheckpointError(f"rope type {c.rope_type!r} is not supported; supported: default, yarn")
+        raise UserError(f"rope type {c.rope_type!r} is not supported; supported: default, yarn")
     rp.setdefault("original_max_position_embeddings", c.max_position_embeddings)
     c.rope_parameters = rp
     c.n_routed_experts = _first(d, "n_routed_experts", "num_experts", "num_local_experts", default=0)
@@ -162,7 +287,7 @@ def config_from_hf(d):
             c.scoring_func, c.topk_method = "sigmoid", "noaux_tc"
             c.norm_topk_prob = d.get("norm_topk_prob", True)
         if c.topk_method not in ("greedy", "group_limited_greedy", "noaux_tc"):
-            raise CheckpointError(f"topk_method {c.topk_method!r} is not supported")
+            raise UserError(f"topk_method {c.topk_method!r} is not supported")
         block = (d.get("quantization_config") or {}).get("weight_block_size")
         if block:
             c.fp8_block = tuple(block)
@@ -188,9 +313,9 @@ def config_from_hf(d):
         else:
             c.moe_layers = list(range(L))
     if c.moe_layers and not 0 < c.num_experts_per_tok <= c.n_routed_experts:
-        raise CheckpointError(f"num_experts_per_tok {c.num_experts_per_tok} must be in 1..{c.n_routed_experts}")
+        raise UserError(f"num_experts_per_tok {c.num_experts_per_tok} must be in 1..{c.n_routed_experts}")
     if c.topk_method != "greedy" and c.n_routed_experts % c.n_group:
-        raise CheckpointError(f"n_routed_experts {c.n_routed_experts} is not divisible by n_group {c.n_group}")
+        raise UserError(f"n_routed_experts {c.n_routed_experts} is not divisible by n_group {c.n_group}")
     return c
 
 
@@ -567,34 +692,58 @@ class TensorInfo(NamedTuple):
 
 
 def read_safetensors_header(path):
-    """{name: TensorInfo} from one .safetensors file, checking that every byte range lies in the file."""
+    """{name: TensorInfo} of one .safetensors file, after checking the header as the format defines
+    it: an 8-byte little-endian length, then a JSON object mapping each name to its dtype, shape and
+    [begin, end) byte range in the data that follows; the ranges tile the data exactly, in order,
+    without gaps or overlaps, and each is as long as dtype x shape says. Anything else is a damaged
+    file, reported in one line before any weight is read."""
     path = Path(path)
     size = path.stat().st_size
+
+    def damaged(what):
+        return UserError(f"{path}: damaged safetensors file: {what}")
+
     with open(path, "rb") as f:
         raw = f.read(8)
         if len(raw) < 8:
-            raise CheckpointError(f"{path}: truncated safetensors file ({size} bytes, no header)")
+            raise damaged(f"{size} bytes, too short for the 8-byte header length")
         n = struct.unpack("<Q", raw)[0]
         if n > size - 8:
-            raise CheckpointError(f"{path}: corrupted or truncated safetensors header (claims {n} bytes, file has {size})")
+            raise damaged(f"the header claims {n:,} bytes but the file has {size:,} (truncated or not safetensors)")
         try:
             header = json.loads(f.read(n))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise CheckpointError(f"{path}: corrupted safetensors header ({e})") from None
+            raise damaged(f"the header is not valid JSON ({e})") from None
+    if not isinstance(header, dict):
+        raise damaged(f"the header is a JSON {type(header).__name__}, expected an object of tensors")
     infos = {}
     for name, meta in header.items():
         if name == "__metadata__":
             continue
-        try:
-            dtype, shape, (a, b) = SAFETENSORS_DTYPES[meta["dtype"]], tuple(meta["shape"]), meta["data_offsets"]
-        except (KeyError, TypeError, ValueError):
-            raise CheckpointError(f"{path}: corrupted safetensors header entry for {name!r}") from None
-        if 8 + n + b > size:
-            raise CheckpointError(f"{path}: truncated safetensors file: tensor {name!r} ends at byte {8 + n + b}, "
-                                  f"file has {size}")
-        if b - a != math.prod(shape) * dtype.itemsize:
-            raise CheckpointError(f"{path}: corrupted safetensors header: {name!r} has {b - a} bytes for shape {list(shape)}")
-        infos[name] = TensorInfo(path, dtype, shape, 8 + n + a, 8 + n + b)
+        if not isinstance(meta, dict):
+            raise damaged(f"entry {name!r} is {meta!r}, expected an object with dtype, shape and data_offsets")
+        dtype, shape, offsets = meta.get("dtype"), meta.get("shape"), meta.get("data_offsets")
+        if dtype not in SAFETENSORS_DTYPES:
+            raise damaged(f"tensor {name!r} has dtype {dtype!r}, expected one of {', '.join(SAFETENSORS_DTYPES)}")
+        if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+            raise damaged(f"tensor {name!r} has shape {shape!r}, expected a list of non-negative integers")
+        if (not isinstance(offsets, list) or len(offsets) != 2 or not all(type(o) is int for o in offsets)
+                or not 0 <= offsets[0] <= offsets[1]):
+            raise damaged(f"tensor {name!r} has data_offsets {offsets!r}, expected [begin, end] with 0 <= begin <= end")
+        dtype = SAFETENSORS_DTYPES[dtype]
+        if offsets[1] - offsets[0] != math.prod(shape) * dtype.itemsize:
+            raise damaged(f"tensor {name!r} spans {offsets[1] - offsets[0]} bytes, but shape {shape} of "
+                          f"{meta['dtype']} needs {math.prod(shape) * dtype.itemsize}")
+        infos[name] = TensorInfo(path, dtype, tuple(shape), 8 + n + offsets[0], 8 + n + offsets[1])
+    # the byte ranges must tile the data: each starts where the previous ended, the last ends the file
+    at = 8 + n
+    for name, info in sorted(infos.items(), key=lambda kv: (kv[1].start, kv[1].end)):
+        if info.start != at:
+            what = "overlaps the previous tensor" if info.start < at else f"leaves a gap of {info.start - at} bytes"
+            raise damaged(f"tensor {name!r} starts at data byte {info.start - 8 - n}, expected {at - 8 - n} ({what})")
+        at = info.end
+    if at != size:
+        raise damaged(f"the tensors end at byte {at:,}, but the file has {size:,} (truncated or padded)")
     return infos
 
 
@@ -617,26 +766,29 @@ class MappedFiles:
 
 def checkpoint_tensors(path):
     """{name: TensorInfo} for a checkpoint folder: one model.safetensors, or the shards of the index."""
+    path = Path(path)
     index = path / "model.safetensors.index.json"
     if index.exists():
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise CheckpointError(f"{index}: expected JSON with a 'weight_map' object ({e})") from None
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+            raise UserError(f"{index}: expected JSON with a 'weight_map' object ({e})") from None
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise UserError(f"{index}: 'weight_map' must map tensor names to shard file names")
         infos = {}
         for shard in sorted(set(weight_map.values())):
             if not (path / shard).is_file():
-                raise CheckpointError(f"{index}: shard {shard!r} is named in weight_map but missing from {path}")
+                raise UserError(f"{index}: shard {shard!r} is named in weight_map but missing from {path}")
             header = read_safetensors_header(path / shard)
             for name, file in weight_map.items():
                 if file == shard:
                     if name not in header:
-                        raise CheckpointError(f"{path / shard}: tensor {name!r} listed in the index is not in the shard")
+                        raise UserError(f"{path / shard}: tensor {name!r} listed in the index is not in the shard")
                     infos[name] = header[name]
         return infos
     single = path / "model.safetensors"
     if not single.is_file():
-        raise CheckpointError(f"{path}: no model.safetensors or model.safetensors.index.json")
+        raise UserError(f"{path}: no model.safetensors or model.safetensors.index.json")
     return read_safetensors_header(single)
 
 
@@ -671,22 +823,26 @@ def dequantize_fp8(w, scale_inv, block):
 
 def read_config(path):
     path = Path(path)
+    if path.is_file():
+        raise UserError(f"{path}: is a file, expected a model folder (config.json, *.safetensors)")
     if not path.is_dir():
-        raise CheckpointError(f"{path}: model folder does not exist "
-                              "(python train.py builds the default ones in runs/default)")
+        raise UserError(f"{path}: model folder does not exist "
+                        f"(python train.py builds the default ones in {DEFAULT_RUN})")
     cfg_file = path / "config.json"
     if not cfg_file.is_file():
-        raise CheckpointError(f"{path}: no config.json in the model folder")
+        raise UserError(f"{path}: no config.json in the model folder")
     try:
         d = json.loads(cfg_file.read_text())
     except json.JSONDecodeError as e:
-        raise CheckpointError(f"{cfg_file}: not valid JSON ({e})") from None
+        raise UserError(f"{cfg_file}: not valid JSON ({e})") from None
+    if not isinstance(d, dict):
+        raise UserError(f"{cfg_file}: a JSON {type(d).__name__}, expected an object of config keys")
     try:
         return config_from_hf(d)
-    except CheckpointError as e:
-        raise CheckpointError(f"{cfg_file}: {e}") from None
+    except UserError as e:
+        raise UserError(f"{cfg_file}: {e}") from None
     except (KeyError, TypeError) as e:
-        raise CheckpointError(f"{cfg_file}: missing or malformed key {e}") from None
+        raise UserError(f"{cfg_file}: missing or malformed key {e}") from None
 
 
 def load_model(path, device="cpu", dtype=torch.float32, experts_on_disk=False):
@@ -709,15 +865,15 @@ def load_model(path, device="cpu", dtype=torch.float32, experts_on_disk=False):
             continue
         key = module_name(cfg, name)
         if key not in expected:
-            raise CheckpointError(f"{info.file}: unexpected tensor {name!r} for a {cfg.model_type} model with this config")
+            raise UserError(f"{info.file}: unexpected tensor {name!r} for a {cfg.model_type} model with this config")
         if info.shape != expected[key]:
-            raise CheckpointError(f"{info.file}: tensor {name!r} has shape {list(info.shape)}, "
+            raise UserError(f"{info.file}: tensor {name!r} has shape {list(info.shape)}, "
                                   f"config implies {list(expected[key])}")
         t = files.tensor(info)
         if t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
             scale = infos.get(name + "_scale_inv")
             if scale is None:
-                raise CheckpointError(f"{info.file}: FP8 tensor {name!r} has no {name + '_scale_inv'!r}")
+                raise UserError(f"{info.file}: FP8 tensor {name!r} has no {name + '_scale_inv'!r}")
             t = dequantize_fp8(t, files.tensor(scale), cfg.fp8_block)
         keep_fp32 = name.endswith("e_score_correction_bias")  # tiny, and used for exact comparisons
         state[key] = t.to(device=device, dtype=torch.float32 if keep_fp32 else dtype)
@@ -726,7 +882,7 @@ def load_model(path, device="cpu", dtype=torch.float32, experts_on_disk=False):
     missing = [k for k in expected if k not in state]
     if missing:
         more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
-        raise CheckpointError(f"{path}: missing tensor {disk_name(cfg, missing[0])!r}{more}")
+        raise UserError(f"{path}: missing tensor {disk_name(cfg, missing[0])!r}{more}")
     model.load_state_dict(state, assign=True, strict=True)
     return model.eval()
 
@@ -740,7 +896,27 @@ def load_tokenizer(path):
     try:
         return Tokenizer.from_file(str(f))
     except Exception as e:  # tokenizers raises a bare Exception on malformed files
-        raise CheckpointError(f"{f}: not a valid tokenizer.json ({str(e).splitlines()[0]})") from None
+        raise UserError(f"{f}: not a valid tokenizer.json ({str(e).splitlines()[0]})") from None
+
+
+def save_model(model, out_dir, config_dict, files=None):
+    """Write `model` to out_dir in the Hugging Face layout that load_model (and transformers) read:
+    config.json and model.safetensors under the checkpoint's tensor names, plus `files`
+    {name: text, or a Path to copy}; all in a temporary folder renamed into place at the end."""
+    from safetensors.torch import save_file
+
+    cfg = model.config
+    state = {disk_name(cfg, k): v.detach().contiguous() for k, v in model.state_dict().items()
+             if not (cfg.tie_word_embeddings and k == "lm_head.weight")}  # a tied head is the embedding
+    with atomic_write(out_dir) as tmp:
+        tmp.mkdir()
+        save_file(state, tmp / "model.safetensors", metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(config_dict, indent=2) + "\n")
+        for name, content in (files or {}).items():
+            if isinstance(content, Path):
+                shutil.copyfile(content, tmp / name)
+            else:
+                (tmp / name).write_text(content)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -783,69 +959,35 @@ def count_parameters(model):
 
 
 # ----------------------------------------------------------------------------------------------
-# Command line: a summary of a checkpoint, a short generation, or a decode benchmark
-
-def bench_decode(model, path, prompt_ids, new_tokens, repeats=3):
-    """Decode tokens/s of this model and of transformers' generate on the same checkpoint: warm-up,
-    then the two interleaved `repeats` times, best of each (the machine is shared and noisy)."""
-    def tokens_per_s(fn):
-        t0 = time.perf_counter()
-        fn(new_tokens)
-        return new_tokens / (time.perf_counter() - t0)
-
-    contenders = {"remoe model.py": lambda n: generate(model, prompt_ids, n)}
-    try:
-        from transformers import AutoModelForCausalLM
-        hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-        mask = torch.ones_like(prompt_ids)
-        contenders["transformers"] = torch.no_grad()(
-            lambda n: hf.generate(prompt_ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
-                                  do_sample=False, pad_token_id=0))
-    except ImportError:
-        print("transformers: not installed, skipped (pip install transformers)")
-    for fn in contenders.values():
-        fn(2)  # warm-up
-    best = dict.fromkeys(contenders, 0.0)
-    for _ in range(repeats):
-        for name, fn in contenders.items():
-            best[name] = max(best[name], tokens_per_s(fn))
-    for name, rate in best.items():
-        print(f"{name:16s}: {rate:8.1f} tokens/s (best of {repeats}, {new_tokens} tokens, prefill included)")
-    if len(best) == 2:
-        print(f"{'ratio':16s}: {best['remoe model.py'] / best['transformers']:8.2f}x "
-              f"(float32, batch 1, {torch.get_num_threads()} threads)")
-
+# Command line: a summary of a checkpoint, or a short generation
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Load a MoE checkpoint with model.py and summarise, generate or benchmark it.")
-    p.add_argument("--model", default="runs/default/base", help="checkpoint folder in Hugging Face layout")
-    p.add_argument("--prompt", default=None, help="text to continue (needs tokenizer.json in the folder)")
-    p.add_argument("--max-new-tokens", type=int, default=40, help="tokens to generate after --prompt")
-    p.add_argument("--bench", action="store_true", help="decode tokens/s against transformers' generate")
-    p.add_argument("--bench-tokens", type=int, default=64, help="tokens decoded per timed run in --bench")
+    p = argparse.ArgumentParser(description="Load a MoE checkpoint with model.py; summarise it or continue a prompt.")
+    p.add_argument("--model", default=str(DEFAULT_BASE_DIR), help="checkpoint folder in Hugging Face layout "
+                                                                 "(default: %(default)s)")
+    p.add_argument("--prompt", default=None, help="text to continue, greedily (needs tokenizer.json in the folder)")
+    p.add_argument("--max-new-tokens", type=int, default=40, help="tokens to generate after --prompt (default: 40)")
     args = p.parse_args(argv)
-    try:
+    with user_errors():
+        if args.max_new_tokens < 1:
+            raise UserError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
         t0 = time.perf_counter()
         model = load_model(args.model)
         tok = load_tokenizer(args.model)
-    except CheckpointError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        if args.prompt is not None and tok is None:
+            raise UserError(f"{args.model}: no tokenizer.json to encode --prompt")
+        ids = torch.tensor([tok.encode(args.prompt).ids]) if args.prompt is not None else None
+        if ids is not None and not 0 < ids.shape[1] + args.max_new_tokens <= model.config.max_position_embeddings:
+            raise UserError(f"--prompt ({ids.shape[1]} tokens) plus --max-new-tokens {args.max_new_tokens} must fit "
+                            f"the model's context of {model.config.max_position_embeddings} tokens")
     cfg = model.config
     total, active = count_parameters(model)
     print(f"{args.model}: {cfg.model_type}, {cfg.num_hidden_layers} layers ({len(cfg.moe_layers)} MoE), "
           f"{cfg.n_routed_experts} experts top-{cfg.num_experts_per_tok}, {total:,} parameters "
           f"({active:,} active), loaded in {time.perf_counter() - t0:.2f}s")
-    if args.prompt is not None or args.bench:
-        if tok is None:
-            print(f"error: {args.model}: no tokenizer.json to encode the prompt", file=sys.stderr)
-            sys.exit(2)
-        ids = torch.tensor([tok.encode(args.prompt or "def main():").ids])
-        if args.bench:
-            bench_decode(model, args.model, ids, args.bench_tokens)
-        else:
-            out = generate(model, ids, args.max_new_tokens)
-            print(tok.decode(out[0].tolist()))
+    if ids is not None:
+        out = generate(model, ids, args.max_new_tokens)
+        print(tok.decode(out[0].tolist()))
 
 
 if __name__ == "__main__":

@@ -571,7 +571,7 @@ def main(argv=None):
                 write_json(args.json, dict(model=str(args.model), prompt_ids=prompt, **result))
             return
         engine = OffloadEngine(args.model, opts)
-    except (model.CheckpointError, OffloadError) as e:
+    except (model.UserError, OffloadError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     dtype = str(engine.dtype).removeprefix("torch.")

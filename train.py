@@ -35,7 +35,7 @@ from tqdm import tqdm
 
 import router
 from data import DataConfig, DataError, eval_windows, prepare_data, random_batch
-from model import CheckpointError, build_model, disk_name, load_model
+from model import UserError, build_model, disk_name, load_model
 
 # ----------------------------------------------------------------------------------------------
 # The default base model: small enough to pretrain on 2 CPU cores in about 4 minutes, shaped like
@@ -615,7 +615,7 @@ def main(argv=None):
             sweep(args)
         else:
             run_remoe(args)
-    except (DataError, CheckpointError) as e:
+    except (DataError, UserError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:

@@ -376,13 +376,13 @@ def test_store_rejects_checkpoint_without_experts(tiny, tmp_path):
     tensors = read_tensors(src)
     dense = {k: v for k, v in tensors.items() if ".mlp.experts." not in k}
     write_checkpoint(tmp_path / "noexp", dense, read_config(src))
-    with pytest.raises(model.CheckpointError, match="no routed expert tensors") as e:
+    with pytest.raises(model.UserError, match="no routed expert tensors") as e:
         cache.ExpertStore(tmp_path / "noexp")
     assert "\n" not in str(e.value)
     missing = dict(tensors)
     del missing["model.layers.2.mlp.experts.5.up_proj.weight"]
     write_checkpoint(tmp_path / "one-missing", missing, read_config(src))
-    with pytest.raises(model.CheckpointError, match="experts.5.up_proj"):
+    with pytest.raises(model.UserError, match="experts.5.up_proj"):
         cache.ExpertStore(tmp_path / "one-missing")
 
 

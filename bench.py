@@ -36,9 +36,7 @@ Shapes: W windows, T tokens per window, L MoE layers, K top-k, E routed experts,
 import argparse
 import json
 import math
-import os
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
@@ -53,13 +51,10 @@ import cache
 import model
 import offload_infer as oi
 import router
-from data import DataConfig, DataError, eval_windows, prepare_data
+from data import DataConfig, eval_windows, prepare_data
+from model import UserError
 
 REUSE_WINDOWS = (1, 2, 4)
-
-
-class BenchError(ValueError):
-    """Bad input to the benchmark; the message is one line saying what was expected."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -68,10 +63,10 @@ class BenchError(ValueError):
 @dataclass
 class Settings:
     # models and data (the default models and token cache are where train.py writes them)
-    base: str = oi.DEFAULT_MODELS[1]
-    tuned: str = oi.DEFAULT_MODELS[0]
+    base: str = str(model.DEFAULT_BASE_DIR)
+    tuned: str = str(model.DEFAULT_TUNED_DIR)
     data: str | None = None
-    data_dir: str = str(Path(oi.DEFAULT_MODELS[1]).parent / "data")
+    data_dir: str = str(model.DEFAULT_RUN / "data")
     out: str = "runs/bench"
     # held-out windows: quality, reuse and the cache study
     seq_len: int = 256
@@ -87,12 +82,14 @@ class Settings:
     car_windows: int = 4
     car_capacities: list | None = None
     car_multiples: tuple = (1, 2, 4)
-    # decode: real offloaded decoding, side by side
+    # decode: offloaded decoding of the same held-out windows by every contender (teacher forcing)
     decode_capacities: list | None = None
     decode_multiples: tuple = (1, 2, 4)
-    decode_tokens: int = 64
+    decode_windows: int = 16
     prompt_tokens: int = 32
-    repeats: int = 3
+    decode_tokens: int = 64
+    decode_bias: float = 0.05   # the cache-aware contenders' bias
+    repeats: int = 3            # peers: timed runs per engine, best kept
     device: str | None = None
     threads: int = 0
     peers: bool = True
@@ -102,7 +99,7 @@ class Settings:
 # --quick also pins one CPU thread: with two, OpenMP threads of a small model spin-wait on each other
 # whenever the machine is shared (measured here: 4.5 minutes instead of 45 s for the default model)
 QUICK = dict(windows=8, capacity_multiples=(1, 2, 4), car_windows=2, car_multiples=(2,),
-             decode_multiples=(1, 2), decode_tokens=16, repeats=2, threads=1)
+             decode_multiples=(2,), decode_windows=3, decode_tokens=16, repeats=2, threads=1)
 
 
 def capacity_grid(multiples, K, E, with_all=False):
@@ -127,11 +124,11 @@ def check_pair(base, tuned):
             raise model.UserError(f"{e} ({hint})") from None
         raise
     if not cfg.moe_layers:
-        raise BenchError(f"{base}: {cfg.model_type} config has no MoE layers: there is no routing to study")
+        raise UserError(f"{base}: {cfg.model_type} config has no MoE layers: there is no routing to study")
     a, b = asdict(cfg), asdict(cfg_t)
     for key in a:
         if a[key] != b[key]:
-            raise BenchError(f"{base} and {tuned} differ in {key} ({a[key]!r} vs {b[key]!r}); expected the same "
+            raise UserError(f"{base} and {tuned} differ in {key} ({a[key]!r} vs {b[key]!r}); expected the same "
                              f"architecture and experts, since ReMoE tunes only the routers")
     return cfg
 
@@ -141,19 +138,22 @@ def check_settings(s, cfg, caps):
     E, ctx = cfg.n_routed_experts, cfg.max_position_embeddings
     for c in sorted(set(caps)):
         if not 1 <= c <= E:
-            raise BenchError(f"capacity {c} must be between 1 and the number of routed experts ({E})")
+            raise UserError(f"capacity {c} must be between 1 and the number of routed experts ({E})")
     if not 2 <= s.seq_len <= ctx:
-        raise BenchError(f"--seq-len must be between 2 and the model's context of {ctx}, got {s.seq_len}")
-    if s.windows < 1 or s.batch_size < 1 or s.repeats < 1:
-        raise BenchError("--windows, --batch-size and --repeats must be >= 1")
+        raise UserError(f"--seq-len must be between 2 and the model's context of {ctx}, got {s.seq_len}")
+    if s.windows < 1 or s.batch_size < 1 or s.repeats < 1 or s.decode_windows < 1:
+        raise UserError("--windows, --batch-size, --repeats and --decode-windows must be >= 1")
     if not 1 <= s.car_windows <= s.windows:
-        raise BenchError(f"--car-windows must be between 1 and --windows ({s.windows}), got {s.car_windows}")
+        raise UserError(f"--car-windows must be between 1 and --windows ({s.windows}), got {s.car_windows}")
     if any(not b > 0 for b in s.cache_bias):
-        raise BenchError(f"--cache-bias values must be > 0 (0 is plain routing), got {list(s.cache_bias)}")
+        raise UserError(f"--cache-bias values must be > 0 (0 is plain routing), got {list(s.cache_bias)}")
     if s.decode_tokens < 2 or s.prompt_tokens < 1:
-        raise BenchError("--decode-tokens must be >= 2 (one prefill, then timed steps) and --prompt-tokens >= 1")
+        raise UserError(f"--decode-tokens must be >= 2 and --prompt-tokens >= 1, got {s.decode_tokens} and "
+                        f"{s.prompt_tokens}")
+    if not s.decode_bias > 0:
+        raise UserError(f"--decode-bias must be > 0, got {s.decode_bias}")
     if s.prompt_tokens + s.decode_tokens > ctx:
-        raise BenchError(f"--prompt-tokens {s.prompt_tokens} plus --decode-tokens {s.decode_tokens} exceeds the "
+        raise UserError(f"--prompt-tokens {s.prompt_tokens} plus --decode-tokens {s.decode_tokens} exceeds the "
                          f"model's context of {ctx}")
 
 
@@ -162,12 +162,15 @@ def held_out(s, cfg):
     corpus, _, data = prepare_data(DataConfig(data=s.data), Path(s.data_dir), Path(s.base))
     windows = eval_windows(data.test, s.seq_len, s.windows)  # (W, T+1)
     if int(windows.max()) >= cfg.vocab_size:
-        raise BenchError(f"{s.base}: tokenizer ids reach {int(windows.max())}, beyond the model's vocabulary "
+        raise UserError(f"{s.base}: tokenizer ids reach {int(windows.max())}, beyond the model's vocabulary "
                          f"of {cfg.vocab_size}")
-    if len(data.test) < s.prompt_tokens:
-        raise BenchError(f"the test split has {len(data.test)} tokens, fewer than --prompt-tokens {s.prompt_tokens}")
-    prompt = [int(t) for t in data.test[: s.prompt_tokens]]
-    return windows, prompt, corpus.source, len(data.test)
+    # decode windows: the first is a warm-up, discarded; each is a prompt and its true continuation
+    decode_len = s.prompt_tokens + s.decode_tokens
+    if len(data.test) < (s.decode_windows + 1) * decode_len:
+        raise UserError(f"the test split has {len(data.test)} tokens, fewer than --decode-windows + 1 = "
+                        f"{s.decode_windows + 1} windows of --prompt-tokens + --decode-tokens = {decode_len}")
+    decode_windows = eval_windows(data.test, decode_len - 1, s.decode_windows + 1)  # (N+1, P + C)
+    return windows, decode_windows, corpus.source, len(data.test)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -259,7 +262,7 @@ def cache_study(indices, capacities, tick):
 # routing, so hit rate and perplexity both come from this sequential run.
 
 CAR_METHOD = ("cache-aware routing adds `bias` to the router scores of the experts a layer's cache holds before the "
-              "top-k (offload_infer.route; combine weights stay the unbiased scores); measured by teacher-forced "
+              "top-k (model.Gate's bonus; combine weights stay the unbiased scores); measured by teacher-forced "
               "decoding one token per step through OffloadEngine (LRU, each window starting cold) on the first "
               "windows; perplexity from those logits. Rows with bias 0 replay the plain models' routing of the same "
               "windows")
@@ -277,17 +280,17 @@ def cache_aware(path, windows, capacity, bias, device, dtype):
             engine.reset_cache()  # cold start per window, as in the cache study
             kv, ids = model.KVCache(), w.to(engine.device)
             for t in range(len(w) - 1):
-                logits = engine.forward(ids[None, t:t + 1], kv)[0, -1]  # (V,)
+                logits = engine.step(ids[None, t:t + 1], kv)[0, -1]  # (V,)
                 nll += F.cross_entropy(logits.float()[None], ids[None, t + 1]).item()
                 top1.append(logits.argmax().item())
     finally:
         engine.close()
-    hits, misses = sum(map(sum, engine.hits)), sum(map(sum, engine.misses))
+    tot = engine.record.totals()
     N, T = windows.shape[0], windows.shape[1] - 1
-    # engine.trace holds, per step and MoE layer, the one token's K ids
-    trace = torch.tensor([[layer[0] for layer in step] for step in engine.trace])  # (N*T, L, K)
-    row = {"capacity": capacity, "bias": bias, "hit_rate": hits / (hits + misses),
-           "loads_per_token": misses / (N * T), "perplexity": perplexity(nll, N * T)}
+    # each step's routing holds, per MoE layer, the one token's K ids
+    trace = torch.tensor([[layer[0] for layer in step] for step in engine.record.trace()])  # (N*T, L, K)
+    row = {"capacity": capacity, "bias": bias, "hit_rate": tot.hit_rate, "loads_per_token": tot.loads_per_token,
+           "perplexity": perplexity(nll, N * T)}
     return row, torch.tensor(top1).view(N, T), trace.view(N, T, *trace.shape[1:])
 
 
@@ -304,44 +307,34 @@ def plain_rows(p, n, capacities):
 
 
 # ----------------------------------------------------------------------------------------------
-# Decode: real offloaded decoding with O_DIRECT reads, base and tuned interleaved (alternating who
-# goes first) so that machine noise hits both alike; every timed run starts from an empty cache, and
-# the fastest of `repeats` is kept, since noise on a shared machine only ever adds time
+# Decode: real offloaded decoding of the same held-out windows by every contender (teacher forcing),
+# so that the base and the tuned model, with and without cache-aware routing, process identical
+# tokens and differ only in their routing (offload_infer.same_token_decode)
 
-DECODE_METHOD = ("OffloadEngine with --io direct, greedy, the same prompt (the first tokens of the test split) for "
-                 "both models; warm-up first, then base and tuned interleaved, alternating which goes first, each "
-                 "run from an empty cache with the page cache dropped, best of `repeats`; time per token excludes "
-                 "the prefill and the first token; speedup = base time / tuned time. Greedy continuations repeat "
-                 "themselves more than held-out text, so decode hit rates run higher than the cache study's")
+DECODE_METHOD = ("OffloadEngine with --io direct; every contender replays the same held-out test windows: prefill the "
+                 "prompt, then feed the true continuation token by token with the KV cache (teacher forcing), each "
+                 "window from an empty expert cache with the page cache dropped; contenders take turns in A B B A "
+                 "order, the first window is a discarded warm-up; ms/token is the mean over windows of the "
+                 "token-by-token part with its 95% t-interval; speedup = geometric mean over windows of the paired "
+                 "ratio base time / contender time, with its 95% interval")
 
 
-def decode(paths, prompt, new_tokens, capacity, repeats, device, dtype):
-    opts = oi.OffloadConfig(cache=capacity, io="direct", device=str(device), dtype=dtype)
-    engines = {name: oi.OffloadEngine(p, opts) for name, p in paths.items()}
+def decode(paths, windows, prompt_len, capacity, bias, device, dtype):
+    """One row of the decode table: base and tuned, each plain and with cache-aware routing."""
+    engines = {}
+    for name, path in paths.items():
+        for b in (0.0, bias):
+            opts = oi.OffloadConfig(cache=capacity, io="direct", cache_bias=b, device=str(device), dtype=dtype)
+            engines[name + (f" + cache-aware {b:g}" if b else "")] = oi.OffloadEngine(path, opts)
     try:
-        for e in engines.values():
-            e.generate(prompt, 2)  # warm-up: allocator, kernels, code paths
-        best = {}
-        for i in range(repeats):
-            for name in list(engines)[:: 1 if i % 2 == 0 else -1]:  # alternate who goes first
-                e = engines[name]
-                e.reset_cache()
-                e.store.drop_page_cache()
-                e.reset_stats()
-                r = e.generate(prompt, new_tokens)[1]
-                if name not in best or r.time_per_token_s < best[name].time_per_token_s:
-                    best[name] = r
+        runs = oi.same_token_decode(engines, windows, prompt_len, warmup=1)
         e = engines["base"]
         env = {"device": str(e.device), "dtype": str(e.dtype).removeprefix("torch."), "io": e.store.io,
                "io_note": e.store.fallback, "expert_bytes": e.store.expert_bytes}
     finally:
         for e in engines.values():
             e.close()
-    keep = ("time_per_token_s", "tokens_per_s", "hit_rate", "loads_per_token", "mb_read_per_token", "generated_ids")
-    row = {"capacity": capacity, **{name: {k: getattr(r, k) for k in keep} for name, r in best.items()}}
-    row["speedup"] = best["base"].time_per_token_s / best["tuned"].time_per_token_s
-    row["hit_rate_change"] = best["tuned"].hit_rate - best["base"].hit_rate
-    return row, env
+    return {"capacity": capacity, "bias": bias, "contenders": oi.summarize_runs(runs, "base"), "per_window": runs}, env
 
 
 # ----------------------------------------------------------------------------------------------
@@ -391,7 +384,7 @@ def peers(path, prompt, new_tokens, repeats, device, dtype):
     return {"remoe_tokens_per_s": tps["remoe"], "transformers_tokens_per_s": tps["transformers"],
             "ratio": tps["remoe"] / tps["transformers"], "transformers_version": transformers.__version__,
             "same_tokens": torch.equal(outs["remoe"].cpu(), outs["transformers"].cpu()),
-            "new_tokens": new_tokens, "dtype": str(dtype).removeprefix("torch.")}
+            "new_tokens": new_tokens, "repeats": repeats, "dtype": str(dtype).removeprefix("torch.")}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -419,13 +412,6 @@ class Progress:
         return self.seconds
 
 
-def pick_dtype(device, path):
-    """The compute dtype, decided once for every section: offload_infer's rule (float32 on CPU; on CUDA
-    the experts' 16-bit dtype on disk), so that the batched passes and the engine compute alike."""
-    with cache.ExpertStore(path) as store:
-        return oi.pick_dtype(device, store)
-
-
 def run(s, log=print):
     """Measure everything; returns the results dictionary (what results.json holds) and the traces."""
     t_start = time.perf_counter()
@@ -437,9 +423,10 @@ def run(s, log=print):
     car_caps = s.car_capacities or capacity_grid(s.car_multiples, K, E)
     dec_caps = s.decode_capacities or capacity_grid(s.decode_multiples, K, E)
     check_settings(s, cfg, caps + car_caps + dec_caps)
-    device, device_why = oi.pick_device(s.device)
-    dtype, dtype_why = pick_dtype(device, s.base)
-    windows, prompt, source, test_tokens = held_out(s, cfg)
+    device, device_why = model.pick_device(s.device)
+    # decided once for every section, by the engine's rule, so that the batched passes and the engine compute alike
+    dtype, dtype_why = model.pick_dtype(device, model.stored_dtype(s.base))
+    windows, decode_windows, source, test_tokens = held_out(s, cfg)
     W, T = windows.shape[0], windows.shape[1] - 1
     paths = {"base": Path(s.base), "tuned": Path(s.tuned)}
     dtype_name = str(dtype).removeprefix("torch.")
@@ -494,14 +481,15 @@ def run(s, log=print):
     progress.section("decode")
     rows = []
     for c in dec_caps:
-        row, env = decode(paths, prompt, s.decode_tokens, c, s.repeats, device, dtype_name)
+        row, env = decode(paths, decode_windows, s.prompt_tokens, c, s.decode_bias, device, dtype_name)
         rows.append(row)
         progress.tick()
-    results["decode"] = {"method": DECODE_METHOD, "prompt_ids": prompt, "new_tokens": s.decode_tokens,
-                         "repeats": s.repeats, **env, "rows": rows}
+    results["decode"] = {"method": DECODE_METHOD, "windows": s.decode_windows, "prompt_tokens": s.prompt_tokens,
+                         "decode_tokens": s.decode_tokens, "window_ids": decode_windows.tolist(), **env, "rows": rows}
 
     if s.peers:
         progress.section("peers")
+        prompt = decode_windows[0, :s.prompt_tokens].tolist()
         results["peers"] = peers(paths["base"], prompt, s.decode_tokens, s.repeats, device, dtype)
         progress.tick()
     else:
@@ -513,20 +501,6 @@ def run(s, log=print):
 
 # ----------------------------------------------------------------------------------------------
 # Report: a markdown summary, results.json, the traces, and three plots, each written atomically
-
-def write_atomic(path, write):
-    """write(tmp) to a temp file beside `path`, then rename it onto `path`: a reader never sees half a file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    tmp = Path(tmp)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
 
 def table(header, rows):
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -555,10 +529,12 @@ def md_summary(r):
     out += table(["contender", "perplexity", "top-1 = base", "hit rate", "loads / token"], rows) + [""]
     row = next((x for x in r["decode"]["rows"] if x["capacity"] == c), None)
     if row is not None:
-        out += [f"Offloaded decoding at {c} experts per layer: ReMoE {row['tuned']['time_per_token_s'] * 1e3:.2f} "
-                f"ms/token vs base {row['base']['time_per_token_s'] * 1e3:.2f} ms/token, a speedup of "
-                f"{row['speedup']:.2f}x, with the decode hit rate going from {row['base']['hit_rate']:.3f} to "
-                f"{row['tuned']['hit_rate']:.3f}.", ""]
+        b, t = row["contenders"]["base"], row["contenders"]["tuned"]
+        out += [f"Offloaded decoding of the same held-out tokens at {c} experts per layer: ReMoE "
+                f"{t['ms_per_token']:.2f} ± {t['ms_per_token_ci95']:.2f} ms/token vs base {b['ms_per_token']:.2f} ± "
+                f"{b['ms_per_token_ci95']:.2f}, a speedup of {t['speedup']:.2f}x (95% CI {t['speedup_ci95'][0]:.2f}-"
+                f"{t['speedup_ci95'][1]:.2f}), with expert loads per token going from {b['loads_per_token']:.2f} to "
+                f"{t['loads_per_token']:.2f}.", ""]
     return out
 
 
@@ -609,14 +585,18 @@ def md_cache_aware(r):
 def md_decode(r):
     dec = r["decode"]
     io = dec["io"] + (f" ({dec['io_note']})" if dec["io_note"] else "")
-    rows = [[x["capacity"], f"{x['base']['time_per_token_s'] * 1e3:.2f}", f"{x['tuned']['time_per_token_s'] * 1e3:.2f}",
-             f"{x['speedup']:.2f}x", f"{x['base']['hit_rate']:.3f} -> {x['tuned']['hit_rate']:.3f}",
-             f"{x['base']['loads_per_token']:.2f} -> {x['tuned']['loads_per_token']:.2f}",
-             f"{x['base']['mb_read_per_token']:.3f} -> {x['tuned']['mb_read_per_token']:.3f}"] for x in dec["rows"]]
-    return ([f"## Decode: offloaded, {dec['new_tokens']} greedy tokens, best of {dec['repeats']}", "",
+    rows = []
+    for x in dec["rows"]:
+        for name, c in x["contenders"].items():
+            rows.append([x["capacity"], name, f"{c['ms_per_token']:.2f} ± {c['ms_per_token_ci95']:.2f}",
+                         f"{c['speedup']:.2f}x [{c['speedup_ci95'][0]:.2f}, {c['speedup_ci95'][1]:.2f}]",
+                         f"{c['hit_rate']:.3f}", f"{c['loads_per_token']:.2f}", f"{c['mb_per_token']:.3f}",
+                         f"{c['perplexity']:.3f}"])
+    return ([f"## Decode: offloaded, the same {dec['windows']} held-out windows for every contender "
+             f"({dec['prompt_tokens']} prompt + {dec['decode_tokens']} tokens fed one by one)", "",
              f"Method: {dec['method']}. Device {dec['device']}, {dec['dtype']}, reads: {io}.", ""]
-            + table(["capacity", "base ms/token", "ReMoE ms/token", "speedup", "hit rate", "loads / token",
-                     "MB read / token"], rows) + [""])
+            + table(["capacity", "contender", "ms/token (95% CI)", "speedup vs base (95% CI)", "hit rate",
+                     "loads / token", "MB read / token", "perplexity"], rows) + [""])
 
 
 def md_peers(r):
@@ -628,7 +608,7 @@ def md_peers(r):
              "yes" if p["same_tokens"] else "no"]]
     return out + table(["remoe tokens/s", f"transformers {p['transformers_version']} tokens/s", "ratio",
                         "same greedy tokens"], rows) + [
-        "", f"{p['new_tokens']} tokens per run, prefill included, {p['dtype']}, best of {r['decode']['repeats']}, "
+        "", f"{p['new_tokens']} tokens per run, prefill included, {p['dtype']}, best of {p['repeats']}, "
             f"interleaved.", ""]
 
 
@@ -672,15 +652,18 @@ def plot_hit_rate(r, fig):
 
 
 def plot_decode_time(r, fig):
+    """Mean ms per token of every decode contender at each capacity, with its 95% interval."""
     ax, rows = fig.subplots(), r["decode"]["rows"]
-    for m in ("base", "tuned"):
-        ax.plot([x["capacity"] for x in rows], [x[m]["time_per_token_s"] * 1e3 for x in rows], STYLE[m],
-                marker="o", label=LABEL[m])
+    for name in rows[0]["contenders"]:
+        ms = [x["contenders"][name]["ms_per_token"] for x in rows]
+        ci = [x["contenders"][name]["ms_per_token_ci95"] for x in rows]
+        ax.errorbar([x["capacity"] for x in rows], ms, yerr=ci, marker="o", capsize=3,
+                    ls=STYLE["tuned" if name.startswith("tuned") else "base"], label=name.replace("tuned", "ReMoE"))
     ax.set(xlabel="experts cached per MoE layer", ylabel="ms per token", xticks=[x["capacity"] for x in rows],
-           title=f"Offloaded decoding ({r['decode']['device']}, {r['decode']['io']} reads)")
+           title=f"Offloaded decoding, same tokens ({r['decode']['device']}, {r['decode']['io']} reads)")
     ax.set_ylim(bottom=0)
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize=7)
 
 
 def plot_reuse(r, fig):
@@ -708,7 +691,8 @@ def plots(r, out_dir):
         fig = Figure(figsize=size)
         draw(r, fig)
         path = Path(out_dir) / name
-        write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight"))
+        with model.atomic_write(path) as tmp:
+            fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
         written.append(str(path))
     return written
 
@@ -718,15 +702,13 @@ def write_outputs(results, traces, out_dir):
     out_dir.mkdir(parents=True, exist_ok=True)
     arrays = {k: v.to(torch.int16).numpy() for k, v in traces.items()}  # expert ids: (L, windows, T, K) each
 
-    def save_traces(tmp):
-        with open(tmp, "wb") as f:  # a file object, so that numpy does not append .npz to the temp name
-            np.savez_compressed(f, **arrays)
-
-    write_atomic(out_dir / "traces.npz", save_traces)
+    with model.atomic_write(out_dir / "traces.npz") as tmp, open(tmp, "wb") as f:
+        np.savez_compressed(f, **arrays)  # a file object, so that numpy does not append .npz to the temp name
     results["files"] = {"traces": str(out_dir / "traces.npz"), "plots": plots(results, out_dir)}
     md = markdown(results)
-    write_atomic(out_dir / "results.md", lambda tmp: tmp.write_text(md + "\n"))
-    write_atomic(out_dir / "results.json", lambda tmp: tmp.write_text(json.dumps(results, indent=2) + "\n"))
+    with model.atomic_write(out_dir / "results.md") as tmp:
+        tmp.write_text(md + "\n")
+    model.write_json(out_dir / "results.json", results)
     return md
 
 
@@ -773,10 +755,15 @@ def parse_args(argv=None):
     g = p.add_argument_group("decode")
     g.add_argument("--decode-capacities", type=int, nargs="+", help="per-layer capacities for offloaded decoding "
                                                                     + grid("decode_multiples"))
-    g.add_argument("--decode-tokens", type=int, help=f"greedy tokens per timed run {default('decode_tokens')}")
-    g.add_argument("--prompt-tokens", type=int, help=f"prompt: the first tokens of the test split "
+    g.add_argument("--decode-windows", type=int, help=f"held-out windows every contender decodes, after one warm-up "
+                                                      f"{default('decode_windows')}")
+    g.add_argument("--decode-tokens", type=int, help=f"tokens fed one by one after each window's prompt "
+                                                     f"{default('decode_tokens')}")
+    g.add_argument("--decode-bias", type=float, help=f"cache-aware routing bias of the decode contenders "
+                                                     f"{default('decode_bias')}")
+    g.add_argument("--prompt-tokens", type=int, help=f"tokens prefilled at the start of each decode window "
                                                      f"{default('prompt_tokens')}")
-    g.add_argument("--repeats", type=int, help=f"timed runs per model; the fastest is kept {default('repeats')}")
+    g.add_argument("--repeats", type=int, help=f"peers: timed runs per engine, the fastest is kept {default('repeats')}")
     g.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda if available, else cpu)")
     g.add_argument("--threads", type=int, help="torch CPU threads, 0 for torch's choice; small models on a busy "
                                                f"machine often run faster with 1 {default('threads')}")
@@ -792,12 +779,9 @@ def parse_args(argv=None):
 
 def main(argv=None):
     s = parse_args(argv)
-    try:
+    with model.user_errors():
         results, traces = run(s, log=lambda msg: print(msg, file=sys.stderr))
         md = write_outputs(results, traces, s.out)
-    except (model.UserError, DataError, oi.OffloadError, BenchError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
     print(md)
     print(f"\nwrote {Path(s.out) / 'results.md'}, results.json, traces.npz and {len(results['files']['plots'])} plots",
           file=sys.stderr)

@@ -21,7 +21,7 @@ simulator's under the defaults, and the tests check both against a brute-force s
 
 A *step* is one forward pass: one token while decoding, or a whole prompt in a batched prefill.
 A step needs the distinct experts its tokens chose, in order of first appearance (for one token:
-its top-k in slot order, as router.lru_hit_rate replays them).
+its top-k in slot order).
 
 The disk store reads one expert's three matrices by name, at the byte offsets in the safetensors
 header, either through a memory map (default, as llama.cpp does) or with O_DIRECT reads that
@@ -467,15 +467,16 @@ def open_direct(path):
     return fd
 
 
-def read_bandwidth(store, experts, repeats=1):
-    """Bytes per second of reading `experts` [(layer, expert)] one at a time with `store`, the same
-    reads a miss makes. Pages are dropped first, so mmap reads come from disk too."""
+def read_bandwidth(store, experts, seed=0):
+    """Bytes per second of reading `experts` [(layer, expert)] one at a time with `store`, in a
+    random order (a miss is a random read, not a sequential sweep), from a dropped page cache:
+    the reads a miss makes."""
     out = store.read(*experts[0])  # scratch triple (also warms the code path)
+    order = torch.randperm(len(experts), generator=torch.Generator().manual_seed(seed)).tolist()
     store.drop_page_cache()
     before, t0 = store.bytes_read, time.perf_counter()
-    for _ in range(repeats):
-        for layer, e in experts:
-            store.read_into(layer, e, out)
+    for i in order:
+        store.read_into(*experts[i], out)
     return (store.bytes_read - before) / (time.perf_counter() - t0)
 
 
@@ -483,11 +484,10 @@ def read_bandwidth(store, experts, repeats=1):
 # Command line: hit rates of every policy on a text's routing, or the store's read bandwidth
 
 def main(argv=None):
-    from offload_infer import DEFAULT_MODELS, default_model_dir  # the one place that default lives
     p = argparse.ArgumentParser(description="Replay a model's routing of a text through expert caches, "
                                             "or measure how fast experts are read from disk.")
-    p.add_argument("--model", default=None, help=f"checkpoint folder (default: {DEFAULT_MODELS[0]} if it exists, "
-                                                 f"else {DEFAULT_MODELS[1]})")
+    p.add_argument("--model", default=None, help=f"checkpoint folder (default: {model.DEFAULT_TUNED_DIR} if it "
+                                                 f"exists, else {model.DEFAULT_BASE_DIR})")
     p.add_argument("--text", default=__file__, help="text file whose routing is replayed (default: this file)")
     p.add_argument("--tokens", type=int, default=512, help="tokens of the text to route (capped by the context)")
     p.add_argument("--capacity", type=int, nargs="+", default=[4, 8, 16], help="experts per MoE layer to simulate")
@@ -499,8 +499,10 @@ def main(argv=None):
                                                                "(default: needed together)")
     p.add_argument("--read-bench", action="store_true", help="measure mmap and O_DIRECT read bandwidth instead")
     args = p.parse_args(argv)
-    path = Path(args.model or default_model_dir())
-    try:
+    path = Path(args.model or model.default_model_dir())
+    with model.user_errors():
+        if any(c < 1 for c in args.capacity):
+            raise model.UserError(f"--capacity values must be >= 1, got {args.capacity}")
         cfg = model.read_config(path)
         if args.read_bench:
             for io in ("mmap", "direct"):
@@ -510,15 +512,14 @@ def main(argv=None):
                     experts = list(store.parts)
                     bw = read_bandwidth(store, experts)
                     print(f"{io:6s}: {bw / 1e6:8.1f} MB/s over {len(experts)} experts of "
-                          f"{store.expert_bytes / 1e6:.3f} MB")
+                          f"{store.expert_bytes / 1e6:.3f} MB, random order")
             return
         tok = model.load_tokenizer(path)
         if tok is None:
             raise model.UserError(f"{path}: no tokenizer.json to encode --text")
+        if not Path(args.text).is_file():
+            raise model.UserError(f"--text {args.text}: no such file")
         net = model.load_model(path)
-    except model.UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
     ids = tok.encode(Path(args.text).read_text()).ids[: min(args.tokens, cfg.max_position_embeddings)]
     with torch.no_grad():
         _, routing = net(torch.tensor([ids]), return_routing=True)

@@ -12,7 +12,9 @@ What it teaches, top to bottom:
   4. cut training batches as random windows and evaluation batches as fixed, evenly spaced ones.
 
 What it leaves out: corpora larger than memory, attention masks at document boundaries (a window
-may straddle two documents, as in GPT-2 training), and deduplication.
+may straddle two documents, as in GPT-2 training), and deduplication. Bad input (a missing path, a
+malformed line, a split too small for one window) raises model.UserError: one line that names the
+file or flag and what was expected. Every file is written through model.atomic_write.
 
 Shape legend: B batch size, T sequence length (a window holds T + 1 ids: input [:, :-1],
 target [:, 1:]), N evaluation windows.
@@ -30,9 +32,7 @@ import json
 import os
 import sys
 import sysconfig
-import tempfile
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -43,14 +43,12 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from tqdm import tqdm
 
+from model import UserError, atomic_write, user_errors
+
 EOT = "<|endoftext|>"  # document separator, GPT-2's name for it
 SPLITS = ("train", "val", "test")
 Document = tuple[str, str]  # (name, text)
 ENCODE_BATCH_DOCS = 256  # documents per encode_batch call: big enough to keep all cores busy
-
-
-class DataError(ValueError):
-    """Bad user input. The message is one line: the file, key or value, and what was expected."""
 
 
 @dataclass
@@ -131,20 +129,20 @@ def read_jsonl(path: Path, skipped: dict[str, int]) -> list[Document]:
         try:
             lines = list(f)
         except UnicodeDecodeError as e:
-            raise DataError(f"{path}: not UTF-8 (byte {e.start}); expected UTF-8 JSON lines")
+            raise UserError(f"{path}: not UTF-8 (byte {e.start}); expected UTF-8 JSON lines")
     for lineno, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
             record = json.loads(line)
         except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg}); expected one object per line")
+            raise UserError(f"{path}:{lineno}: not valid JSON ({e.msg}); expected one object per line")
         if not isinstance(record, dict) or "text" not in record:
             got = f"keys {sorted(record)}" if isinstance(record, dict) else type(record).__name__
-            raise DataError(f"{path}:{lineno}: expected an object with a 'text' key, got {got}")
+            raise UserError(f"{path}:{lineno}: expected an object with a 'text' key, got {got}")
         if not isinstance(record["text"], str):
             got = type(record["text"]).__name__
-            raise DataError(f"{path}:{lineno}: 'text' is {got}, expected a string")
+            raise UserError(f"{path}:{lineno}: 'text' is {got}, expected a string")
         if record["text"].strip():
             docs.append((f"{path.name}:{lineno}", record["text"]))
         else:
@@ -189,12 +187,13 @@ def load_corpus(cfg: DataConfig) -> Corpus:
         root = Path(cfg.data)
         source = str(root)
         if not root.exists():
-            raise DataError(f"--data path '{root}' does not exist; "
+            raise UserError(f"--data path '{root}' does not exist; "
                             "expected a text file, a folder or a .jsonl file")
         if root.is_dir():
             files = [(p.relative_to(root).as_posix(), p) for p in root.glob(cfg.glob) if p.is_file()]
             if not files:
-                raise DataError(f"no files match --glob '{cfg.glob}' under '{root}'")
+                raise UserError(f"no files under '{root}' match --glob '{cfg.glob}'; "
+                                "expected text files there, or another --glob")
             add_files(sorted(files))
         elif root.suffix == ".jsonl":
             docs = read_jsonl(root, skipped)
@@ -208,30 +207,13 @@ def load_corpus(cfg: DataConfig) -> Corpus:
         splits[split_of(name, cfg)].append((name, text))
     if not splits["train"]:
         why = ", ".join(f"{k}={v}" for k, v in sorted(skipped.items())) or "none"
-        raise DataError(f"no usable text for the train split in '{source}' "
+        raise UserError(f"no usable text for the train split in '{source}' "
                         f"({len(docs)} documents, skipped: {why}); expected more text")
     return Corpus(**splits, skipped=skipped, source=source)
 
 
 # ----------------------------------------------------------------------------------------------
 # Tokenizer
-
-
-@contextmanager
-def atomic_write(path: Path) -> Iterator[BinaryIO]:
-    """A temp file beside `path`, renamed onto it only when the block completes.
-
-    A crash or Ctrl-C mid-write so never leaves a half-written tokenizer or cache to be trusted.
-    """
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            yield f
-        os.chmod(tmp, 0o644)  # mkstemp creates files readable by their owner only
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
 
 
 def train_tokenizer(texts: list[str], vocab_size: int) -> Tokenizer:
@@ -266,7 +248,7 @@ def load_or_train_tokenizer(
     if checkpoint is not None:
         path = Path(checkpoint) / "tokenizer.json"
         if not path.is_file():
-            raise DataError(f"'{path}' not found; expected the checkpoint to ship tokenizer.json")
+            raise UserError(f"'{path}' not found; expected the checkpoint to ship tokenizer.json")
         return Tokenizer.from_file(str(path))
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -275,10 +257,11 @@ def load_or_train_tokenizer(
     if path.is_file() and key_path.is_file() and key_path.read_text() == key:
         return Tokenizer.from_file(str(path))
     tok = train_tokenizer([text for _, text in corpus.train], vocab_size)
-    with atomic_write(path) as f:
-        f.write(tok.to_str().encode())
-    with atomic_write(key_path) as f:  # written last: it vouches for a complete tokenizer.json
-        f.write(key.encode())
+    # model.atomic_write: a crash or Ctrl-C mid-write never leaves a half-written file to be trusted
+    with atomic_write(path) as tmp:
+        tmp.write_text(tok.to_str(), encoding="utf-8")
+    with atomic_write(key_path) as tmp:  # written last: it vouches for a complete tokenizer.json
+        tmp.write_text(key, encoding="utf-8")
     return tok
 
 
@@ -291,7 +274,7 @@ def separator_id(tok: Tokenizer, checkpoint: Path | None = None) -> int:
         name = eos["content"] if isinstance(eos, dict) else eos
     token_id = tok.token_to_id(name)
     if token_id is None:
-        raise DataError(f"tokenizer has no token {name!r}; expected it as the document separator")
+        raise UserError(f"tokenizer has no token {name!r}; expected it as the document separator")
     return token_id
 
 
@@ -331,7 +314,7 @@ def token_ids(corpus: Corpus, split: str, tok: Tokenizer, *, eot_id: int, folder
     key = hashlib.blake2b(f"{corpus.fingerprint}|{split}|{tok_hash}|{eot_id}".encode(), digest_size=8)
     path = folder / f"{split}-{key.hexdigest()}.{np.dtype(dtype).name}.bin"
     if not path.is_file():
-        with atomic_write(path) as f:
+        with atomic_write(path) as tmp, open(tmp, "wb") as f:
             encode_documents(tok, [text for _, text in getattr(corpus, split)], eot_id, f)
     if path.stat().st_size == 0:  # an empty split; mmap refuses empty files
         return np.zeros(0, dtype=dtype)
@@ -354,7 +337,7 @@ def prepare_data(
     out = Path(folder).resolve()
     if cfg.data is not None and Path(cfg.data).resolve() in (out, *out.parents):
         # else the next run would read our own tokenizer.json as training text and retrain
-        raise DataError(f"cache folder '{folder}' is inside --data '{cfg.data}'; expected it outside")
+        raise UserError(f"cache folder '{folder}' is inside --data '{cfg.data}'; expected it outside")
     corpus = load_corpus(cfg)
     tok = load_or_train_tokenizer(folder, corpus, cfg.vocab_size, checkpoint)
     eot_id = separator_id(tok, checkpoint)
@@ -367,12 +350,19 @@ def prepare_data(
 # Batches
 
 
-def _check_window(tokens: np.ndarray, seq_len: int) -> None:
+def _check_window(tokens: np.ndarray, seq_len: int, what: str = "the token array") -> None:
     if len(tokens) < seq_len + 1:
-        raise DataError(
-            f"only {len(tokens)} tokens, fewer than one window of seq_len + 1 = {seq_len + 1}; "
-            "expected a larger corpus or a smaller seq_len"
+        raise UserError(
+            f"{what} has only {len(tokens)} tokens, fewer than one window of --seq-len + 1 = {seq_len + 1}; "
+            "expected more text in --data or a smaller --seq-len"
         )
+
+
+def require_windows(data: TokenData, splits: tuple[str, ...], seq_len: int) -> None:
+    """Stop before any work when a split that a run reads cannot fill one window of T + 1 ids,
+    naming the split (with a small --data, val or test may hold a handful of documents)."""
+    for split in splits:
+        _check_window(getattr(data, split), seq_len, f"the {split} split")
 
 
 def random_batch(
@@ -428,12 +418,9 @@ def main(argv: list[str] | None = None) -> None:
 
     t0 = time.perf_counter()
     cfg = DataConfig(data=args.data, glob=args.glob, vocab_size=args.vocab_size)
-    try:
+    with user_errors():
         checkpoint = Path(args.tokenizer) if args.tokenizer else None
         corpus, tok, data = prepare_data(cfg, Path(args.out), checkpoint)
-    except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
 
     print(f"corpus   {corpus.source}  (fingerprint {corpus.fingerprint[:12]})")
     print(f"skipped  {dict(sorted(corpus.skipped.items())) or 'nothing'}")

@@ -378,8 +378,18 @@ def apply_rope(x, cos, sin, interleaved):
 
 
 def attend(q, k, v, scale):
-    """Causal attention of q [B, H, T, hd] over k, v [B, H, S, hd] where the last T of S are the queries."""
-    T, S = q.shape[2], k.shape[2]
+    """Causal attention of q [B, H, T, hd] over k, v [B, KV, S, hd], where the last T of the S positions
+    are the queries' and each group of H/KV query heads reads one key/value head (query head h reads
+    head h // (H/KV), as grouped-query attention and MLA's single latent head need)."""
+    (B, H, T, _), (KV, S) = q.shape, k.shape[1:3]
+    if T == 1:
+        # decoding: the one query sees every key; the G = H/KV query heads of a key/value head are rows
+        # of one matmul (for tiny heads two matmuls cost less than one fused call's dispatch)
+        q = q.reshape(B, KV, H // KV, q.shape[-1])  # (B, KV, G, hd)
+        w = torch.softmax((q @ k.transpose(-1, -2)).float() * scale, dim=-1).to(v.dtype)  # (B, KV, G, S)
+        return (w @ v).reshape(B, H, 1, v.shape[-1])
+    if KV != H:
+        k, v = k.repeat_interleave(H // KV, dim=1), v.repeat_interleave(H // KV, dim=1)  # (B, H, S, hd)
     if T == S:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
     # a chunk after a cached prefix: query t sees keys 0 .. S-T+t
@@ -388,16 +398,27 @@ def attend(q, k, v, scale):
 
 
 class KVCache:
-    """Keys and values of every layer for the tokens seen so far; `length` is the next token's position."""
+    """What attention keeps of the tokens seen so far, per layer, in buffers that grow by doubling (so
+    a decode step writes one position instead of copying the history); `length` is the next
+    token's position. GQA layers keep keys and values, MLA layers their small latent."""
 
     def __init__(self):
-        self.keys, self.values, self.length = {}, {}, 0
+        self.buffers, self.length = {}, 0
 
-    def update(self, layer, k, v):  # k, v [B, H, T, hd] -> the whole history [B, H, S, hd]
-        if layer in self.keys:
-            k, v = torch.cat([self.keys[layer], k], dim=2), torch.cat([self.values[layer], v], dim=2)
-        self.keys[layer], self.values[layer] = k, v
-        return k, v
+    def update(self, layer, *new):
+        """Write `new` tensors [..., T, d] at positions length .. length+T-1 of `layer`'s buffers and
+        return views of the whole history [..., S, d], S = length + T."""
+        start, end = self.length, self.length + new[0].shape[-2]
+        old = self.buffers.get(layer)
+        if old is None or old[0].shape[-2] < end:
+            size = max(end, 2 * old[0].shape[-2] if old else 16)
+            grown = [t.new_empty(*t.shape[:-2], size, t.shape[-1]) for t in new]
+            for g, o in zip(grown, old or []):
+                g[..., :start, :] = o[..., :start, :]
+            self.buffers[layer] = old = grown
+        for buf, t in zip(old, new):
+            buf[..., start:end, :] = t
+        return [buf[..., :end, :] for buf in old]
 
 
 class Attention(nn.Module):
@@ -431,8 +452,6 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin, False), apply_rope(k, cos, sin, False)
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer, k, v)  # (B, KV, S, hd)
-        # query head h reads key/value head h // (H/KV): repeat each KV head contiguously
-        k, v = k.repeat_interleave(H // KV, dim=1), v.repeat_interleave(H // KV, dim=1)
         y = attend(q, k, v, hd ** -0.5)  # (B, H, T, hd)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, H * hd))
 
@@ -463,20 +482,28 @@ class MLAttention(nn.Module):
 
     def forward(self, x, cos, sin, kv_cache=None):
         cfg, (B, T, _) = self.cfg, x.shape
-        H, dn, dr, dv = cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
+        H, dn, dr, dv, r = cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank
         q = self.q_proj(x) if cfg.q_lora_rank is None else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
         q = q.view(B, T, H, dn + dr).transpose(1, 2)  # (B, H, T, dn+dr)
         q_nope, q_pe = q.split([dn, dr], dim=-1)
-        latent, k_pe = self.kv_a_proj_with_mqa(x).split([cfg.kv_lora_rank, dr], dim=-1)
-        kv = self.kv_b_proj(self.kv_a_layernorm(latent)).view(B, T, H, dn + dv).transpose(1, 2)
-        k_nope, v = kv.split([dn, dv], dim=-1)  # (B, H, T, dn), (B, H, T, dv)
+        latent, k_pe = self.kv_a_proj_with_mqa(x).split([r, dr], dim=-1)
+        latent = self.kv_a_layernorm(latent)  # (B, T, r): the compressed keys and values
         q_pe = apply_rope(q_pe, cos, sin, cfg.rope_interleave)
         k_pe = apply_rope(k_pe.view(B, 1, T, dr), cos, sin, cfg.rope_interleave)  # one rope key for all heads
-        q = torch.cat([q_nope, q_pe], dim=-1)
-        k = torch.cat([k_nope, k_pe.expand(B, H, T, dr)], dim=-1)  # (B, H, T, dn+dr)
-        if kv_cache is not None:  # for readability we cache the expanded k, v rather than the latent
-            k, v = kv_cache.update(self.layer, k, v)
-        y = attend(q, k, v, self.scale)  # (B, H, T, dv)
+        if kv_cache is None:  # a whole sequence (training, evaluation): expand keys and values per head
+            kv = self.kv_b_proj(latent).view(B, T, H, dn + dv).transpose(1, 2)
+            k_nope, v = kv.split([dn, dv], dim=-1)  # (B, H, T, dn), (B, H, T, dv)
+            k = torch.cat([k_nope, k_pe.expand(B, H, T, dr)], dim=-1)  # (B, H, T, dn+dr)
+            y = attend(torch.cat([q_nope, q_pe], dim=-1), k, v, self.scale)  # (B, H, T, dv)
+        else:
+            # with a cache, keep only the latent and the rope key (r + dr numbers per token instead of
+            # H x (dn + dr + dv)), and absorb kv_b_proj = [W_uk; W_uv] into the query and the output:
+            # q_nope . (W_uk c) = (W_uk^T q_nope) . c, and sum_s a_s W_uv c_s = W_uv (sum_s a_s c_s)
+            W = self.kv_b_proj.weight.view(H, dn + dv, r)
+            q_lat = q_nope @ W[:, :dn]  # (B, H, T, dn) @ (H, dn, r) -> (B, H, T, r)
+            keys = kv_cache.update(self.layer, torch.cat([latent.unsqueeze(1), k_pe], dim=-1))[0]  # (B, 1, S, r+dr)
+            y = attend(torch.cat([q_lat, q_pe], dim=-1), keys, keys[..., :r], self.scale)  # (B, H, T, r)
+            y = y @ W[:, dn:].transpose(1, 2)  # (B, H, T, r) @ (H, r, dv) -> (B, H, T, dv)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, H * dv))
 
 
@@ -516,8 +543,9 @@ class Gate(nn.Module):
             self.register_buffer("e_score_correction_bias", torch.zeros(cfg.n_routed_experts, dtype=torch.float32))
 
     def forward(self, x, bonus=None):  # x (N, D) -> indices (N, K), weights (N, K), scores (N, E)
-        """`bonus` (E,), optional, is added to the scores used for the choice only (like V3's bias):
-        offload_infer.py's cache-aware routing uses it to favour experts that are already cached."""
+        """`bonus` (E,), optional, is added to the scores used for the choice only (like V3's bias, and
+        before group limiting, so a favoured expert's group is favoured too); the weights stay the
+        unbiased scores. offload_infer.py's cache-aware routing uses it to favour cached experts."""
         cfg = self.cfg
         if cfg.router_logits_fp32:
             logits = F.linear(x.float(), self.weight.float())
@@ -544,22 +572,46 @@ class Gate(nn.Module):
         weights = scores.gather(-1, indices)  # the unbiased scores of the chosen experts
         if cfg.norm_topk_prob:
             weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
-        weights = weights * cfg.routed_scaling_factor
+        if cfg.routed_scaling_factor != 1.0:
+            weights = weights * cfg.routed_scaling_factor
         if not cfg.router_weights_fp32:
             weights = weights.to(x.dtype)
         return indices, weights, scores
 
 
 def run_experts(x, indices, weights, experts):
-    """Reference MoE combine: y_t = sum_j w_tj * expert_{i_tj}(x_t), looping over the experts that
-    received tokens (in ascending id order), each running once on all of its tokens.
-    x (N, D), indices and weights (N, K), experts indexable by id."""
+    """Reference MoE combine: y_t = sum_j w_tj * expert_{i_tj}(x_t). The layer asks its experts
+    provider for the experts these routing decisions need, and runs each once on all of its tokens.
+    x (N, D), indices and weights (N, K)."""
     y = torch.zeros_like(x)
-    for e in indices.unique().tolist():
+    if x.shape[0] == 1:  # one token (decoding): its K experts, each with its weight, no token bookkeeping
+        weight_of = dict(zip(indices[0].tolist(), weights[0].tolist()))
+        for e, expert in experts.fetch(indices, x):
+            y.add_(expert(x), alpha=weight_of[e])
+        return y
+    for e, expert in experts.fetch(indices, x):
         token, slot = torch.where(indices == e)  # which tokens chose e, and in which of their K slots
-        out = experts[e](x[token]) * weights[token, slot, None]  # (n_e, D)
+        out = expert(x[token]) * weights[token, slot, None]  # (n_e, D)
         y.index_add_(0, token, out.to(x.dtype))
     return y
+
+
+class Experts(nn.ModuleList):
+    """The E routed experts of one MoE layer, all in memory: the resident experts provider.
+    A provider answers two questions of the MoE layer: a bonus to add to the router's scores before
+    the top-k (none here), and "give me these experts". offload_infer.py swaps in a provider with the
+    same two methods that holds a few experts in a cache and reads the others from disk, so the decoder
+    loop and this layer exist once."""
+
+    def bonus(self):
+        return None
+
+    def fetch(self, indices, x):
+        """(expert id, expert) for every expert that `indices` (N, K) selects, in ascending id order."""
+        if len(self) == 0:
+            raise RuntimeError("routed experts were left on disk (experts_on_disk=True); decode with offload_infer.py")
+        for e in indices.unique().tolist():
+            yield e, self[e]
 
 
 class MoE(nn.Module):
@@ -570,8 +622,8 @@ class MoE(nn.Module):
         self.layer, self.cfg = layer, cfg
         D = cfg.hidden_size
         self.gate = Gate(cfg)
-        # with experts_on_disk the list stays empty: offload_infer.py reads experts from the files itself
-        self.experts = nn.ModuleList(
+        # with experts_on_disk the list stays empty: offload_infer.py gives the layer a provider of its own
+        self.experts = Experts(
             [] if experts_on_disk else [MLP(D, cfg.moe_intermediate_size) for _ in range(cfg.n_routed_experts)])
         if cfg.shared_expert_gate:  # Qwen2-MoE: one wide shared expert with a per-token sigmoid gate
             self.shared_expert = MLP(D, cfg.shared_intermediate_size)
@@ -590,9 +642,7 @@ class MoE(nn.Module):
     def forward(self, x):  # x (B, T, D)
         B, T, D = x.shape
         flat = x.reshape(B * T, D)
-        indices, weights, scores = self.gate(flat)
-        if len(self.experts) == 0:
-            raise RuntimeError("routed experts were left on disk (experts_on_disk=True); decode with offload_infer.py")
+        indices, weights, scores = self.gate(flat, self.experts.bonus())  # (N, K), (N, K), (N, E)
         y = run_experts(flat, indices, weights, self.experts) + self.shared(flat)
         K = indices.shape[-1]
         routing = Routing(self.layer, indices.view(B, T, K), weights.view(B, T, K), scores.view(B, T, -1))
@@ -637,14 +687,19 @@ class Transformer(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
         # trade compute for memory when training: recompute each block in the backward pass
         self.gradient_checkpointing = False
+        self.rope_tables = {}  # device -> (cos, sin) of every position, see `rope`
 
     def rope(self, start, T, device):
-        """cos, sin (T, rope_dim/2) for positions start .. start+T-1, computed in fp32."""
-        cfg = self.config
-        inv_freq, factor = rope_frequencies(cfg, cfg.qk_rope_head_dim if cfg.mla else cfg.head_dim)
-        pos = torch.arange(start, start + T, dtype=torch.float32)
-        freqs = torch.outer(pos, inv_freq).to(device)  # (T, rope_dim/2)
-        return freqs.cos() * factor, freqs.sin() * factor
+        """cos, sin (T, rope_dim/2) for positions start .. start+T-1, computed in fp32. A table of all
+        positions so far is kept per device (a pure function's memo), so a decode step slices it."""
+        table = self.rope_tables.get(device)
+        if table is None or table[0].shape[0] < start + T:
+            cfg = self.config
+            inv_freq, factor = rope_frequencies(cfg, cfg.qk_rope_head_dim if cfg.mla else cfg.head_dim)
+            pos = torch.arange(max(start + T, 2 * table[0].shape[0] if table else 256), dtype=torch.float32)
+            freqs = torch.outer(pos, inv_freq).to(device)  # (P, rope_dim/2)
+            self.rope_tables[device] = table = freqs.cos() * factor, freqs.sin() * factor
+        return table[0][start:start + T], table[1][start:start + T]
 
     def forward(self, input_ids, return_routing=False, kv_cache=None):
         """input_ids (B, T) -> logits (B, T, V), and with return_routing a list of Routing, one per MoE layer."""
@@ -911,6 +966,7 @@ def save_model(model, out_dir, config_dict, files=None):
     with atomic_write(out_dir) as tmp:
         tmp.mkdir()
         save_file(state, tmp / "model.safetensors", metadata={"format": "pt"})
+        (tmp / "model.safetensors").chmod(0o644)  # save_file makes it private; a model is meant to be shared
         (tmp / "config.json").write_text(json.dumps(config_dict, indent=2) + "\n")
         for name, content in (files or {}).items():
             if isinstance(content, Path):

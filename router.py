@@ -12,9 +12,8 @@ This file holds:
   - two load-balance losses: Switch Transformer's (Fedus et al., 2021, eq. 4) over the whole
     batch, and DeepSeek's sequence-wise one (DeepSeek-V2 sec. 2.2.3 "expert-level balance loss";
     DeepSeek-V3 sec. 2.1.2 "complementary sequence-wise auxiliary loss");
-  - metrics: reuse rate, per-expert load, and the hit rate of a brute-force per-layer LRU cache
-    (cache.py generalises the cache; this one is the simple reference), gathered by
-    `routing_report` for train.py and bench.py.
+  - metrics: reuse rate and per-expert load, gathered by `routing_report` for base.py, train.py
+    and bench.py. Cache hit rates are cache.py's (`cache.simulate`), the one cache simulator.
 
 It leaves out padding masks and document boundaries inside packed sequences: every row of a
 batch is one sequence whose history starts at t = 0.
@@ -22,10 +21,12 @@ batch is one sequence whose history starts at t = 0.
 Input: the model returns one `Routing(layer, indices, weights, scores)` per MoE layer; these
 functions read only `.indices` and `.scores` (duck-typed), or take the two tensors directly.
 
+Under data parallelism each process sees a share of the batch. The sequence-wise balance loss
+splits exactly; the switch loss counts tokens over the whole batch, so its callers pass `reduce`
+(a sum over processes) and this file stays free of torch.distributed.
+
 Shape legend: B batch, T tokens, E routed experts, K top-k (experts per token), L MoE layers.
 """
-from collections import OrderedDict
-
 import torch
 
 # ----------------------------------------------------------------------------
@@ -101,31 +102,36 @@ def reuse_loss(routing, window=1, eps=1e-6):
     return torch.stack(losses).mean()
 
 
-def _balance(indices, p, num_experts):
+def _balance(indices, p, num_experts, reduce=None):
     """sum_e f_e * P_e over N tokens: indices [N,K], p [N,E]; f_e = E/(K*N) * count_e, P_e = mean p.
 
     f_e is the share of the N*K token-slots sent to e, scaled by E so that uniform routing gives
     f_e = 1 and P_e = 1/E, hence a loss of exactly 1. It only grows when the experts that get
     many tokens also get high probability; f carries no gradient (counts of integer ids), so the
     loss trains the router to lower the probability of the overloaded experts.
+
+    reduce: None, or a function that sums the counts [E] over processes (in place or not). Then f is
+    the whole batch's and P the local mean, so the mean over equal shares of each process's loss
+    (and of its gradient, which is what DDP averages) is the one-process loss over the whole batch.
     """
-    N, K = indices.shape
-    counts = torch.bincount(indices.reshape(-1), minlength=num_experts).to(p.dtype)  # (E,)
-    f = counts * num_experts / (K * N)  # (E,)
+    counts = torch.bincount(indices.reshape(-1), minlength=num_experts)  # (E,)
+    if reduce is not None:
+        counts = reduce(counts)
+    f = counts.to(p.dtype) * num_experts / counts.sum()  # (E,); counts.sum() = K * N over the whole batch
     return (f * p.mean(dim=0)).sum()
 
 
-def switch_balance_loss(indices, scores, num_experts):
+def switch_balance_loss(indices, scores, num_experts, reduce=None):
     """Switch Transformer balance loss over all tokens of the batch: E * sum_e f_e P_e.
 
     f_e = fraction of token-slots routed to e (counted over B*T*K, so f sums to 1), P_e = mean
     router probability of e. Equals 1.0 for perfectly uniform routing, E/K when every token
-    sends all its probability and its K slots to the same K experts.
+    sends all its probability and its K slots to the same K experts. `reduce` as in `_balance`.
     """
     E = num_experts
     return _balance(indices.reshape(-1, indices.shape[-1]),  # (B*T, K)
                     normalize_scores(scores).reshape(-1, E),  # (B*T, E)
-                    E)
+                    E, reduce)
 
 
 def sequence_balance_loss(indices, scores, num_experts):
@@ -141,12 +147,16 @@ def sequence_balance_loss(indices, scores, num_experts):
     return torch.stack(per_seq).mean()
 
 
-def balance_loss(routing, num_experts, kind="sequence"):
-    """A balance loss averaged over MoE layers; kind is "sequence" (DeepSeek) or "switch"."""
-    fns = {"sequence": sequence_balance_loss, "switch": switch_balance_loss}
-    if kind not in fns:
-        raise ValueError(f"kind must be one of {sorted(fns)}, got {kind!r}")
-    return torch.stack([fns[kind](r.indices, r.scores, num_experts) for r in routing]).mean()
+def balance_loss(routing, num_experts, kind="sequence", reduce=None):
+    """A balance loss averaged over MoE layers; kind is "sequence" (DeepSeek) or "switch".
+    `reduce` sums the switch loss's counts over processes; the sequence loss needs none."""
+    if kind == "switch":
+        losses = [switch_balance_loss(r.indices, r.scores, num_experts, reduce) for r in routing]
+    elif kind == "sequence":
+        losses = [sequence_balance_loss(r.indices, r.scores, num_experts) for r in routing]
+    else:
+        raise ValueError(f"kind must be 'sequence' or 'switch', got {kind!r}")
+    return torch.stack(losses).mean()
 
 
 # ----------------------------------------------------------------------------
@@ -188,53 +198,11 @@ def expert_load(indices, num_experts):
             "cv": (c.std(unbiased=False) / mean).item()}
 
 
-def lru_hit_rate(indices, capacity):
-    """Hit rate of one layer's LRU cache of `capacity` experts, replaying routing [T,K] or [B,T,K].
-
-    Semantics, chosen to match a decoder that needs all K experts of a token before computing:
-      - each sequence starts with an empty cache (cold start); the rate is hits / (B*T*K);
-      - capacity >= K: the token's K experts are looked up in the cache as it was before the
-        token; the misses are loaded, each evicting the least-recently-used expert that this
-        token does not need (a token never evicts one of its own experts); then the K experts
-        become the most recent, in top-k slot order (slot K-1 most recent);
-      - capacity < K: the token cannot hold its experts together, so they stream through the
-        cache one at a time in slot order, each a plain LRU access (hit only if still present).
-    Brute force on purpose: a loop over tokens is the readable reference for cache.py.
-    """
-    if capacity < 1:
-        raise ValueError(f"capacity must be >= 1, got {capacity}")
-    seqs = indices.reshape(-1, *indices.shape[-2:]).tolist()  # [B][T][K] python ints
-    hits = requests = 0
-    for seq in seqs:
-        cache = OrderedDict()  # keys ordered from least to most recently used
-        for experts in seq:
-            requests += len(experts)
-            if capacity < len(experts):
-                for e in experts:
-                    if e in cache:
-                        hits += 1
-                    elif len(cache) == capacity:
-                        cache.popitem(last=False)
-                    cache[e] = None
-                    cache.move_to_end(e)
-                continue
-            misses = [e for e in experts if e not in cache]
-            hits += len(experts) - len(misses)
-            while len(cache) + len(misses) > capacity:
-                victim = next(e for e in cache if e not in experts)  # oldest not needed now
-                del cache[victim]
-            for e in experts:
-                cache[e] = None
-                cache.move_to_end(e)
-    return hits / requests
-
-
-def routing_report(routing, num_experts, windows=(1,), cache_sizes=()):
-    """All routing metrics of one forward pass in a dict of floats, for train.py and bench.py.
+def routing_report(routing, num_experts, windows=(1,)):
+    """All routing metrics of one forward pass in a dict of floats, for base.py, train.py and bench.py.
 
     Keys: "layers" (decoder-layer ids), "reuse" {window: mean over layers}, "reuse_per_layer"
-    {window: [per layer]}, "load_max_over_mean" and "load_cv" ([per layer]), "lru_hit_rate"
-    {capacity: mean over layers of a per-layer cache of that many experts}.
+    {window: [per layer]}, "load_max_over_mean" and "load_cv" ([per layer]).
     """
     report = {"layers": [r.layer for r in routing], "reuse": {}, "reuse_per_layer": {}}
     for w in windows:
@@ -242,6 +210,4 @@ def routing_report(routing, num_experts, windows=(1,), cache_sizes=()):
     loads = [expert_load(r.indices, num_experts) for r in routing]
     report["load_max_over_mean"] = [x["max_over_mean"] for x in loads]
     report["load_cv"] = [x["cv"] for x in loads]
-    report["lru_hit_rate"] = {
-        c: sum(lru_hit_rate(r.indices, c) for r in routing) / len(routing) for c in cache_sizes}
     return report

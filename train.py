@@ -1,293 +1,64 @@
 """
-train.py: ReMoE router-only fine-tuning, and building the small default base model it starts from.
+train.py: ReMoE, router-only fine-tuning that teaches a fine-grained MoE to reuse the experts that the
+last few tokens used, so that a device holding only a few experts per layer loads far fewer of them
+from storage.
 
-What it teaches: ReMoE fine-tunes the router of an already trained MoE, so the default run needs
-a trained base model whose routing looks like a real one's. With no model hub here, remoe builds
-one on first run: a DeepSeek-V2-style fine-grained MoE (MLA attention, one dense layer first, then
-MoE layers of many small routed experts plus a shared expert), pretrained on the Python standard
-library's sources with next-token loss plus the standard switch-style load-balance loss (Fedus et
-al. 2021), so that its experts are used about evenly, as a real model's are. An unbalanced router
-would make expert reuse trivially high and the whole study meaningless.
+What it teaches: only the routers (`gate.weight` of every MoE layer) are trained, with
 
-The base model is saved in the exact Hugging Face layout (config.json with model_type
-deepseek_v2, model.safetensors, tokenizer.json), so transformers loads it unchanged.
+    loss = next-token loss + lambda * reuse loss + beta * balance loss
+           + gamma * KL(base model's next-token distribution || tuned model's)
 
-    python train.py                          # build (or reuse) runs/default/base, report it
-    python train.py --pretrain-steps 50      # a quick, worse base model (for a look)
+- the reuse loss (router.py) moves router probability onto the experts of the previous w tokens;
+- the balance loss is switch-style over the whole batch (Fedus et al. 2021): reuse asks consecutive
+  tokens of one sequence to share experts, which DeepSeek's per-sequence loss directly penalises,
+  while a batch-level loss only asks that different sequences spread over all experts;
+- the anchor is a distillation (Hinton et al. 2015) to the base model's *output*, not a KL to the base
+  router's distribution: reuse can only rise if routing changes, and a router anchor penalises exactly
+  that change. The base model is this network with the original router weights copied in for one
+  no-grad forward per step, so it costs no second model in memory;
+- three stages: (1) reuse-aware; (2) balance, beta x 4 while reuse is still rewarded; (3) calibration
+  on held-out text with lambda annealed to 0, so quality recovers.
+The tuned model is the base checkpoint with only its router tensors replaced: same architecture, same
+cost, loads wherever the base loads. Under torchrun, data parallel (DDP over the routers, or FSDP2
+sharding the frozen model with --fsdp) gives the routers that one process gives on the same global batch.
+
+What it leaves out: training anything but the routers, DeepSeek-V3's bias-update balancing rule (its
+e_score_correction_bias stays as it is), pipeline and tensor parallelism. With no --model it tunes the
+default base model (base.py), built first when it is missing.
+
+    python train.py                                     # the default base model (built first if missing), CPU
+    python train.py --model DIR --data PATH             # your own checkpoint and text
+    torchrun --nproc_per_node 2 train.py --model DIR    # data parallel; add --fsdp to shard the frozen model
 """
 
 import argparse
+import hashlib
 import json
-import math
 import os
 import shutil
-import sys
-import tempfile
 import time
 from pathlib import Path
+from typing import NamedTuple
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
+import base
 import router
-from data import DataConfig, DataError, eval_windows, prepare_data, random_batch
-from model import UserError, build_model, disk_name, load_model
+from data import DataConfig, prepare_data, random_batch, require_windows
+from model import (DEFAULT_RUN, UserError, atomic_write, disk_name, load_model, pick_device, pick_dtype, read_config,
+                   stored_dtype, user_errors)
 
 # ----------------------------------------------------------------------------------------------
-# The default base model: small enough to pretrain on 2 CPU cores in about 4 minutes, shaped like
-# DeepSeek-V2-Lite where it matters for caching: many small routed experts (32) and a top-k (4)
-# eight times smaller, so a cache of 2 x top-k = 8 experts per layer holds a quarter of them
-# (V2-Lite: 64 experts, top-6, a cache of 12 holds 19%).
+# What is trained, and the anchor it is held to
 
-DEFAULT_BASE = {
-    "model_type": "deepseek_v2",
-    "architectures": ["DeepseekV2ForCausalLM"],
-    "hidden_size": 192,
-    "num_hidden_layers": 5,            # layer 0 dense, layers 1-4 MoE
-    "first_k_dense_replace": 1,
-    "intermediate_size": 512,          # the dense layer's MLP
-    "num_attention_heads": 4,
-    "num_key_value_heads": 4,
-    "q_lora_rank": None,               # as V2-Lite: one q_proj
-    "kv_lora_rank": 64,
-    "qk_nope_head_dim": 32,
-    "qk_rope_head_dim": 16,
-    "v_head_dim": 32,
-    "n_routed_experts": 32,
-    "num_experts_per_tok": 4,
-    "moe_intermediate_size": 64,
-    "n_shared_experts": 1,
-    "topk_method": "greedy",
-    "n_group": 1,
-    "topk_group": 1,
-    "norm_topk_prob": False,
-    "routed_scaling_factor": 1.0,
-    "scoring_func": "softmax",
-    "rope_theta": 10000.0,
-    "max_position_embeddings": 1024,
-    "rms_norm_eps": 1e-6,
-    "tie_word_embeddings": False,
-    "torch_dtype": "float32",
-}
+def moe_gates(model):
+    """The router (Gate module) of every MoE layer."""
+    return [model.model.layers[l].mlp.gate for l in model.config.moe_layers]
 
-
-def base_config(vocab_size, eot_id, **overrides):
-    return {**DEFAULT_BASE, **overrides, "vocab_size": vocab_size, "bos_token_id": eot_id, "eos_token_id": eot_id}
-
-
-def init_weights(model, std=0.02):
-    """GPT-2 style init: N(0, 0.02), norms at 1, residual output projections scaled by 1/sqrt(2L)."""
-    L = model.config.num_hidden_layers
-    for name, p in model.named_parameters():
-        if p.dim() == 1:
-            torch.nn.init.ones_(p)
-        elif name.endswith(("o_proj.weight", "down_proj.weight")):
-            torch.nn.init.normal_(p, 0.0, std / math.sqrt(2 * L))
-        else:
-            torch.nn.init.normal_(p, 0.0, std)
-
-
-# ----------------------------------------------------------------------------------------------
-# Evaluation: loss, perplexity and routing on fixed windows (the same windows every run)
-
-@torch.no_grad()
-def evaluate(model, tokens, seq_len=256, max_windows=64, batch_size=8, cache_sizes=()):
-    """Mean next-token loss over fixed test windows, and the routing report of router.py on them."""
-    windows = eval_windows(tokens, seq_len, max_windows)  # (W, T+1)
-    total, count, routing_all = 0.0, 0, []
-    for chunk in windows.split(batch_size):
-        logits, routing = model(chunk[:, :-1], return_routing=True)
-        total += F.cross_entropy(logits.flatten(0, 1).float(), chunk[:, 1:].flatten(), reduction="sum").item()
-        count += chunk[:, 1:].numel()
-        routing_all.append(routing)
-    # stack every batch's routing per layer, so reuse and load are measured over all windows
-    routing = [r._replace(indices=torch.cat([b[i].indices for b in routing_all]),
-                          weights=torch.cat([b[i].weights for b in routing_all]),
-                          scores=torch.cat([b[i].scores for b in routing_all]))
-               for i, r in enumerate(routing_all[0])]
-    loss = total / count
-    report = router.routing_report(routing, model.config.n_routed_experts, windows=(1, 2, 4), cache_sizes=cache_sizes)
-    metrics = {"loss": loss, "perplexity": math.exp(loss), "tokens": count, **report}
-    return json.loads(json.dumps(metrics)), routing  # JSON-shaped (string keys), as results.json holds it
-
-
-def unigram_loss(train, test, vocab_size):
-    """Cross-entropy of the test split under token frequencies of the train split (add-one smoothed):
-    the loss of a model that ignores context, the baseline a language model must beat."""
-    counts = np.bincount(train, minlength=vocab_size).astype(np.float64) + 1.0
-    logp = np.log(counts / counts.sum())
-    return float(-logp[np.asarray(test)].mean())
-
-
-# ----------------------------------------------------------------------------------------------
-# Saving in the Hugging Face layout, atomically (a temp folder renamed into place)
-
-def new_temp_dir(out_dir):
-    """An empty folder beside out_dir, to be renamed onto it by replace_dir once complete."""
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))
-    tmp.chmod(0o755)  # mkdtemp makes it private; a model folder is meant to be shared
-    return tmp
-
-
-def replace_dir(tmp, out_dir):
-    """Rename tmp onto out_dir; an existing out_dir is moved aside first and removed after."""
-    for f in tmp.iterdir():
-        if f.stat().st_nlink == 1:  # leave hard-linked files of the base model alone
-            f.chmod(0o644)
-    if out_dir.exists():
-        old = out_dir.with_name(f".{out_dir.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(out_dir, old)
-        os.replace(tmp, out_dir)
-        shutil.rmtree(old)
-    else:
-        os.replace(tmp, out_dir)
-
-
-def save_hf_checkpoint(model, config_dict, out_dir, tokenizer_file=None, extra_files=None):
-    """config.json + model.safetensors (+ tokenizer.json) written to a temp folder, then renamed onto
-    out_dir, so a crash leaves either the old checkpoint or the new one, never half of one."""
-    out_dir = Path(out_dir)
-    tmp = new_temp_dir(out_dir)
-    cfg = model.config
-    state = {disk_name(cfg, k): v.detach().contiguous() for k, v in model.state_dict().items()}
-    save_file(state, tmp / "model.safetensors", metadata={"format": "pt"})
-    (tmp / "config.json").write_text(json.dumps(config_dict, indent=2))
-    if tokenizer_file is not None:
-        shutil.copyfile(tokenizer_file, tmp / "tokenizer.json")
-    for name, obj in (extra_files or {}).items():
-        (tmp / name).write_text(json.dumps(obj, indent=2))
-    replace_dir(tmp, out_dir)
-
-
-def save_state_atomic(obj, path):
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-# ----------------------------------------------------------------------------------------------
-# Pretraining the base model
-
-def pretrain(args, data, out_dir):
-    """Next-token loss + switch balance loss, AdamW with warm-up and cosine decay. Resumable: the
-    training state is saved atomically every --save-every steps beside the output folder."""
-    torch.manual_seed(args.seed)
-    config_dict = base_config(data.vocab_size, data.eot_id, **json.loads(args.base_overrides or "{}"))
-    model = build_model(config_dict)
-    init_weights(model)
-    E = model.config.n_routed_experts
-    opt = torch.optim.AdamW(model.parameters(), lr=args.pretrain_lr, betas=(0.9, 0.95), weight_decay=0.1)
-    state_file = out_dir.with_name(out_dir.name + ".pretrain-state.pt")
-    step, gen = 0, torch.Generator().manual_seed(args.seed)
-    if state_file.exists():
-        state = torch.load(state_file, weights_only=False)
-        if state["config"] == config_dict and state["steps"] == args.pretrain_steps:
-            model.load_state_dict(state["model"])
-            opt.load_state_dict(state["opt"])
-            step = state["step"]
-            gen.set_state(state["gen"])
-            print(f"resuming pretraining at step {step} from {state_file}")
-
-    def lr_at(s):  # linear warm-up, then cosine decay to 10%
-        warm = max(1, args.pretrain_steps // 20)
-        if s < warm:
-            return args.pretrain_lr * (s + 1) / warm
-        frac = (s - warm) / max(1, args.pretrain_steps - warm)
-        return args.pretrain_lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
-
-    model.train()
-    tokens_per_step = args.batch_size * args.seq_len
-    t0 = time.perf_counter()
-    with tqdm(total=args.pretrain_steps, initial=step, desc="pretrain base", unit="step", dynamic_ncols=True) as bar:
-        while step < args.pretrain_steps:
-            batch = random_batch(data.train, args.batch_size, args.seq_len, gen)  # (B, T+1)
-            logits, routing = model(batch[:, :-1], return_routing=True)
-            lm = F.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten())
-            bal = router.balance_loss(routing, E, kind="switch")
-            loss = lm + args.balance_coef * bal
-            for g in opt.param_groups:
-                g["lr"] = lr_at(step)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            step += 1
-            rate = (step - bar.initial) * tokens_per_step / (time.perf_counter() - t0)
-            bar.set_postfix(loss=f"{lm.item():.3f}", balance=f"{bal.item():.3f}", tok_s=f"{rate:,.0f}")
-            bar.update(1)
-            if step % args.save_every == 0 and step < args.pretrain_steps:
-                save_state_atomic({"config": config_dict, "steps": args.pretrain_steps, "step": step,
-                                   "model": model.state_dict(), "opt": opt.state_dict(), "gen": gen.get_state()},
-                                  state_file)
-    model.eval()
-    wall = time.perf_counter() - t0
-    return model, config_dict, wall, state_file
-
-
-def build_default_base(args, out_dir):
-    """Pretrain the default base model on the stdlib corpus, save it, report its quality and routing."""
-    t_start = time.perf_counter()
-    corpus, tok, data = prepare_data(DataConfig(data=args.data, vocab_size=args.vocab_size), args.data_dir)
-    print(f"corpus: {len(corpus.train)} train / {len(corpus.val)} val / {len(corpus.test)} test documents, "
-          f"{len(data.train):,} / {len(data.val):,} / {len(data.test):,} tokens, vocab {data.vocab_size}")
-    model, config_dict, wall, state_file = pretrain(args, data, out_dir)
-    cache = 2 * model.config.num_experts_per_tok
-    metrics, _ = evaluate(model, data.test, args.seq_len, args.eval_windows, cache_sizes=(cache,))
-    uni = unigram_loss(data.train, data.test, data.vocab_size)
-    results = {
-        "config": {k: v for k, v in config_dict.items() if k != "architectures"},
-        "pretrain": {"steps": args.pretrain_steps, "batch_size": args.batch_size, "seq_len": args.seq_len,
-                     "tokens": args.pretrain_steps * args.batch_size * args.seq_len, "lr": args.pretrain_lr,
-                     "balance_coef": args.balance_coef, "wall_seconds": round(wall, 1),
-                     "total_seconds": round(time.perf_counter() - t_start, 1), "threads": torch.get_num_threads()},
-        "test": {**metrics, "unigram_loss": uni, "unigram_perplexity": math.exp(uni)},
-    }
-    save_hf_checkpoint(model, config_dict, out_dir, Path(args.data_dir) / "tokenizer.json",
-                       extra_files={"results.json": results})
-    state_file.unlink(missing_ok=True)  # the finished checkpoint replaces the resumable state
-    print_base_report(results)
-    return results
-
-
-def print_base_report(results):
-    t, p = results["test"], results["pretrain"]
-    print(f"\nbase model: pretrained {p['tokens']:,} tokens in {p['wall_seconds']:.0f}s "
-          f"({p['total_seconds']:.0f}s with data preparation)")
-    print(f"test loss {t['loss']:.3f} (perplexity {t['perplexity']:.1f}) vs unigram {t['unigram_loss']:.3f} "
-          f"(perplexity {t['unigram_perplexity']:.1f})")
-    print("layer  load max/mean  load CV  reuse(w=1)")
-    for layer, mm, cv, reuse in zip(t["layers"], t["load_max_over_mean"], t["load_cv"], t["reuse_per_layer"]["1"]):
-        print(f"{layer:5d}  {mm:13.2f}  {cv:7.2f}  {reuse:10.3f}")
-    print(f"reuse rate (w=1) {t['reuse']['1']:.3f}, LRU hit rate at cache {list(t['lru_hit_rate'])[0]}: "
-          f"{list(t['lru_hit_rate'].values())[0]:.3f}")
-
-
-# ----------------------------------------------------------------------------------------------
-# ReMoE: router-only fine-tuning in three stages
-#
-# loss = next-token loss + lambda * reuse loss (router.py) + beta * balance loss
-#        + gamma * KL(base model's next-token distribution || tuned model's)
-#
-# The balance loss is switch-style over the whole batch by default: reuse asks consecutive tokens of
-# one sequence to share experts, which a per-sequence balance loss directly penalises, while a
-# batch-level loss only asks that different sequences spread over all experts. (Under torchrun each
-# process computes it on its share of the batch; the sequence-wise loss splits exactly.)
-#
-# The anchor is a distillation to the frozen base model's *output*, not a KL to the base router's
-# distribution: reuse can only rise if routing changes, and a router-KL anchor penalises exactly
-# that change, whatever it does to quality. Distillation constrains what users care about, the
-# predictions, and leaves the router free to pick different experts that predict as well. It costs
-# no extra memory: the base model is this model with the original router weights, which we copy
-# in for one no-grad forward per step (routers are a tiny fraction of the parameters).
 
 def router_parameters(model):
     """Freeze every parameter except the MoE routers' (`gate.weight`); return the routers.
@@ -295,7 +66,7 @@ def router_parameters(model):
     (it only shifts which experts are chosen, so no gradient reaches it): it stays as it is."""
     for p in model.parameters():
         p.requires_grad_(False)
-    gates = [model.model.layers[l].mlp.gate for l in model.config.moe_layers]
+    gates = moe_gates(model)
     for g in gates:
         g.weight.requires_grad_(True)
     return gates
@@ -313,6 +84,10 @@ def teacher_logits(model, gates, base_weights, inputs):
     return logits
 
 
+# ----------------------------------------------------------------------------------------------
+# The three stages, resumable: a state saved every --save-every steps (base.save_state), resumed only
+# by a run with the same key (base.load_state), i.e. the same arguments and the same base model
+
 def stage_plan(args):
     """The three stages: (name, steps, split, reuse weight at stage fraction f, balance weight)."""
     s1, s2, s3 = args.stage_steps
@@ -326,61 +101,87 @@ def stage_plan(args):
     ]
 
 
-def finetune(args, model, data, out_dir, dist_info):
-    """Run the three stages; evaluate after each; resumable from an atomic state file."""
-    rank, world, ddp_model = dist_info
-    gates = router_parameters(model)
+def base_identity(model_dir, gates):
+    """The base checkpoint as a resume sees it: its folder, and a digest of its config.json, tokenizer.json
+    and router tensors (another base model, even one pretrained with another seed, has other routers)."""
+    h = hashlib.blake2b(digest_size=8)
+    for name in ("config.json", "tokenizer.json"):
+        f = Path(model_dir) / name
+        h.update(f.read_bytes() if f.is_file() else b"")
+    for g in gates:
+        h.update(g.weight.detach().cpu().contiguous().view(torch.uint8).numpy())  # the raw bytes, any dtype
+    return f"{Path(model_dir).resolve()} ({h.hexdigest()})"
+
+
+def remoe_key(args, base_id, corpus, compute, world):
+    """Every argument that changes the tuned routers, by flag: a saved state must match all of them."""
+    return {"--model": base_id, "--data": base.corpus_identity(args, corpus), "--glob": args.glob,
+            "--device": compute, "processes (torchrun)": world, "--fsdp": args.fsdp,
+            "--reuse-weight": args.reuse_weight, "--window": args.window, "--balance": args.balance,
+            "--balance-weight": args.balance_weight, "--balance-boost": args.balance_boost,
+            "--distill-weight": args.distill_weight, "--lr": args.lr, "--stage-steps": list(args.stage_steps),
+            "--calib-split": args.calib_split, "--batch-size": args.batch_size, "--seq-len": args.seq_len,
+            "--eval-windows": args.eval_windows, "--seed": args.seed}
+
+
+def finetune(args, model, data, out_dir, *, procs, key, started):
+    """Run the three stages and evaluate after each. Returns (reports, state file, seconds that earlier
+    processes spent on this run before the state it resumed was saved)."""
+    gates = moe_gates(model)
     base_weights = [g.weight.detach().clone() for g in gates]
     opt = torch.optim.AdamW([g.weight for g in gates], lr=args.lr, weight_decay=0.0)
-    E, cache = model.config.n_routed_experts, 2 * model.config.num_experts_per_tok
+    E, capacity = model.config.n_routed_experts, 2 * model.config.num_experts_per_tok
+    device = next(model.parameters()).device
     # one state file per process: under FSDP each holds its own shard of the routers and optimizer
-    state_file = out_dir.with_name(out_dir.name + (".train-state.pt" if world == 1 else f".train-state.rank{rank}.pt"))
+    suffix = ".train-state.pt" if procs.world == 1 else f".train-state.rank{procs.rank}.pt"
+    state_file = out_dir.with_name(out_dir.name + suffix)
     gen = torch.Generator().manual_seed(args.seed)
-    stage_i, step, reports = 0, 0, {}
+    plan = stage_plan(args)
+    stage_i, step, reports, earlier = 0, 0, {}, 0.0
+    # under torchrun the switch loss counts experts over the whole global batch, as one process does
+    reduce = sum_over_processes if procs.world > 1 and args.balance == "switch" else None
 
-    def save_state(stage, step):
-        save_state_atomic({"run_key": run_key, "stage": stage, "step": step, "reports": reports,
-                           "routers": [g.weight.detach().clone() for g in gates],
-                           "opt": opt.state_dict(), "gen": gen.get_state()}, state_file)
+    def save(stage, step):
+        base.save_state(state_file, {"key": key, "stage": stage, "step": step, "reports": reports,
+                                     "routers": [g.weight.detach().clone() for g in gates], "opt": opt.state_dict(),
+                                     "gen": gen.get_state(), "wall_seconds": earlier + time.perf_counter() - started})
 
     def evaluate_stage(name):  # every process evaluates: FSDP's forward needs them all
-        reports[name] = evaluate(model, data.test, args.seq_len, args.eval_windows, cache_sizes=(cache,))[0]
-        if rank == 0:
+        reports[name] = base.evaluate(model, data.test, args.seq_len, args.eval_windows, cache_sizes=(capacity,))[0]
+        if procs.rank == 0:
             print_stage(name, reports[name], reports["0 base"])
 
-    run_key = {"model": str(args.model_dir), "stage_steps": list(args.stage_steps), "world": world,
-               "reuse_weight": args.reuse_weight, "balance_weight": args.balance_weight, "lr": args.lr}
-    if state_file.exists() and not args.no_resume:
-        state = torch.load(state_file, weights_only=False)
-        if state["run_key"] == run_key:
-            with torch.no_grad():
-                for g, w in zip(gates, state["routers"]):
-                    g.weight.copy_(w)
-            opt.load_state_dict(state["opt"])
-            stage_i, step, reports = state["stage"], state["step"], state["reports"]
-            gen.set_state(state["gen"])
-            if rank == 0:
-                print(f"resuming at stage {stage_i + 1}, step {step} from {state_file}")
+    state = base.load_state(state_file, key, args.no_resume)
+    if state is not None:
+        with torch.no_grad():
+            for g, w in zip(gates, state["routers"]):
+                g.weight.copy_(w)
+        opt.load_state_dict(state["opt"])
+        gen.set_state(state["gen"])
+        stage_i, step, reports, earlier = state["stage"], state["step"], state["reports"], state["wall_seconds"]
+        if procs.rank == 0:
+            where = (f"all {len(plan)} stages done, exporting" if stage_i == len(plan)
+                     else f"resuming stage {plan[stage_i][0]} at step {step} of {plan[stage_i][1]}")
+            print(f"{where} (saved state {state_file})")
     if "0 base" not in reports:
         evaluate_stage("0 base")
-    per_rank = args.batch_size // world
-    plan = stage_plan(args)
+    per_rank = args.batch_size // procs.world
     for i in range(stage_i, len(plan)):
         name, steps, split, lam_at, beta = plan[i]
         tokens = getattr(data, split)
         model.train()
         with tqdm(total=steps, initial=step, desc=f"stage {name}", unit="step", dynamic_ncols=True,
-                  disable=rank != 0) as bar:
+                  disable=procs.rank != 0) as bar:
             while step < steps:
                 batch = random_batch(tokens, args.batch_size, args.seq_len, gen)  # (B, T+1), the same on every rank
-                batch = batch[rank * per_rank:(rank + 1) * per_rank]  # this rank's share of the global batch
+                batch = batch[procs.rank * per_rank:(procs.rank + 1) * per_rank].to(device)  # (B/world, T+1): this rank's share
                 inputs, targets = batch[:, :-1], batch[:, 1:]
                 lam = lam_at(step / max(1, steps))
                 teacher = teacher_logits(model, gates, base_weights, inputs) if args.distill_weight else None
-                logits, routing = ddp_model(inputs, return_routing=True)
+                logits, routing = procs.model(inputs, return_routing=True)
                 lm = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
                 reuse = router.reuse_loss(routing, window=args.window)
-                bal = router.balance_loss(routing, E, kind=args.balance)
+                bal = router.balance_loss(routing, E, kind=args.balance, reduce=reduce)
                 loss = lm + lam * reuse + beta * bal
                 if teacher is not None:
                     kl = F.kl_div(F.log_softmax(logits.float(), -1), F.log_softmax(teacher.float(), -1),
@@ -393,20 +194,20 @@ def finetune(args, model, data, out_dir, dist_info):
                 bar.set_postfix(lm=f"{lm.item():.3f}", reuse=f"{reuse.item():.3f}", bal=f"{bal.item():.3f}")
                 bar.update(1)
                 if step % args.save_every == 0 and step < steps:
-                    save_state(i, step)
+                    save(i, step)
         model.eval()
         evaluate_stage(name)
-        save_state(i + 1, 0)
+        save(i + 1, 0)
         step = 0
-    return reports, state_file
+    return reports, state_file, earlier
 
 
-def print_stage(name, r, base):
-    cache, hit = next(iter(r["lru_hit_rate"].items()))
-    rel = r["reuse"]["1"] / base["reuse"]["1"] - 1
-    print(f"[{name}] test ppl {r['perplexity']:.2f} ({r['perplexity'] / base['perplexity'] - 1:+.2%}), "
+def print_stage(name, r, base_report):
+    capacity, hit = next(iter(r["lru_hit_rate"].items()))
+    rel = r["reuse"]["1"] / base_report["reuse"]["1"] - 1
+    print(f"[{name}] test ppl {r['perplexity']:.2f} ({r['perplexity'] / base_report['perplexity'] - 1:+.2%}), "
           f"reuse w=1 {r['reuse']['1']:.3f} ({rel:+.1%}), load max/mean {max(r['load_max_over_mean']):.2f}, "
-          f"LRU hit @{cache} {hit:.3f}")
+          f"LRU hit @{capacity} {hit:.3f}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -418,9 +219,9 @@ def full_tensor(t):
 
 
 def export_tuned(base_dir, out_dir, cfg, routers, results):
-    """Write out_dir atomically: every file of base_dir hard-linked (or copied), except the
-    safetensors files that hold router tensors, which are rewritten with the tuned routers in the
-    checkpoint's own dtype. Names, shapes, shards and the index stay exactly as they were."""
+    """Write out_dir atomically (model.atomic_write): every file of base_dir hard-linked (or copied),
+    except the safetensors files that hold router tensors, which are rewritten with the tuned routers
+    in the checkpoint's own dtype. Names, shapes, shards and the index stay exactly as they were."""
     base_dir, out_dir = Path(base_dir), Path(out_dir)
     routers = {disk_name(cfg, f"model.layers.{l}.mlp.gate.weight"): w for l, w in routers.items()}
     index = base_dir / "model.safetensors.index.json"
@@ -429,88 +230,129 @@ def export_tuned(base_dir, out_dir, cfg, routers, results):
     else:
         weight_map = {name: "model.safetensors" for name in routers}
     to_rewrite = {weight_map[name] for name in routers}
-    tmp = new_temp_dir(out_dir)
-    for f in sorted(base_dir.iterdir()):
-        if not f.is_file() or f.name == "results.json":
-            continue
-        if f.name in to_rewrite:
-            tensors = {}
-            with safe_open(f, framework="pt") as st:
-                metadata = st.metadata()
-                for name in st.keys():
-                    t = st.get_tensor(name)
-                    tensors[name] = routers[name].to(t.dtype).contiguous() if name in routers else t
-            save_file(tensors, tmp / f.name, metadata=metadata)
-        else:
-            try:
-                os.link(f, tmp / f.name)  # same bytes, no copy: the tuned model costs only its routers
-            except OSError:
-                shutil.copyfile(f, tmp / f.name)
-    (tmp / "results.json").write_text(json.dumps(results, indent=2))
-    replace_dir(tmp, out_dir)
+    with atomic_write(out_dir) as tmp:
+        tmp.mkdir()
+        for f in sorted(base_dir.iterdir()):
+            if not f.is_file() or f.name == "results.json":
+                continue
+            if f.name in to_rewrite:
+                tensors = {}
+                with safe_open(f, framework="pt") as st:
+                    metadata = st.metadata()
+                    for name in st.keys():
+                        t = st.get_tensor(name)
+                        tensors[name] = routers[name].to(t.dtype).contiguous() if name in routers else t
+                save_file(tensors, tmp / f.name, metadata=metadata)
+                (tmp / f.name).chmod(0o644)  # safetensors creates files readable by their owner only
+            else:
+                try:
+                    os.link(f, tmp / f.name)  # same bytes, no copy: the tuned model costs only its routers
+                except OSError:
+                    shutil.copyfile(f, tmp / f.name)
+        (tmp / "results.json").write_text(json.dumps(results, indent=2) + "\n")
 
 
 # ----------------------------------------------------------------------------------------------
-# Distributed data parallel (torchrun) and FSDP2
+# Data parallel (torchrun): DDP over the routers, or FSDP2 sharding the frozen model
+
+class Processes(NamedTuple):
+    rank: int
+    world: int
+    model: torch.nn.Module  # what the training step calls: the model, or its DDP / FSDP wrapper
+
+
+def under_torchrun():
+    return "WORLD_SIZE" in os.environ  # torchrun tells each process its place through the environment
+
+
+def process_device(requested):
+    """(device, reason) from model.pick_device; under torchrun on GPUs each process takes its own GPU."""
+    device, why = pick_device(requested)
+    if device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    return device, why
+
 
 def setup_distributed(model, use_fsdp):
-    """(rank, world, model to call): plain, DDP over the routers, or FSDP2-sharded."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1 and not use_fsdp:
-        return 0, 1, model
+    """Processes(rank, world, model to call): plain, DDP over the routers, or FSDP2-sharded."""
+    if not under_torchrun() or (int(os.environ["WORLD_SIZE"]) == 1 and not use_fsdp):
+        return Processes(0, 1, model)
     import torch.distributed as dist
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        dist.init_process_group("nccl" if next(model.parameters()).is_cuda else "gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     if use_fsdp:
         from torch.distributed.fsdp import fully_shard
         for block in model.model.layers:
             fully_shard(block)
         fully_shard(model)
-        return rank, world, model
+        return Processes(rank, world, model)
     from torch.nn.parallel import DistributedDataParallel
-    return rank, world, DistributedDataParallel(model)
+    return Processes(rank, world, DistributedDataParallel(model))
 
+
+def sum_over_processes(t):
+    """The sum of `t` over all processes (no gradient flows through it): the switch balance loss's
+    expert counts, so that every process weighs its share of the batch by the global load."""
+    torch.distributed.all_reduce(t)
+    return t
+
+
+# ----------------------------------------------------------------------------------------------
+# One ReMoE run, and a sweep of them
 
 def run_remoe(args):
     """Fine-tune the routers of args.model_dir and export the tuned checkpoint to OUT/remoe."""
-    t0 = time.perf_counter()
-    device, dtype, why = pick_device(args)
+    started = time.perf_counter()
+    cfg = read_config(args.model_dir)  # a missing or malformed model folder stops here, before any work
+    if args.seq_len > cfg.max_position_embeddings:
+        raise UserError(f"--seq-len {args.seq_len} is longer than {args.model_dir}'s context "
+                        f"(max_position_embeddings {cfg.max_position_embeddings}); expected at most that")
+    data_cfg = DataConfig(data=args.data, glob=args.glob, vocab_size=args.vocab_size)
+    corpus, _, data = prepare_data(data_cfg, args.data_dir, args.model_dir)  # bad data stops before a long load
+    require_windows(data, ("train", args.calib_split, "test"), args.seq_len)
+    device, why_device = process_device(args.device)
+    dtype, why_dtype = pick_dtype(device, stored_dtype(args.model_dir))
     model = load_model(args.model_dir, device=device, dtype=dtype)
-    model.gradient_checkpointing = device != "cpu"  # GPU memory is the limit there; on CPU, time is
-    router_parameters(model)  # freeze before wrapping: DDP and FSDP register what is trainable then
-    rank, world, ddp_model = setup_distributed(model, args.fsdp)
-    if rank == 0:
-        print(f"compute: {device}, {str(dtype).replace('torch.', '')} ({why}); {world} process(es)")
-    if args.batch_size % world:
-        raise DataError(f"--batch-size {args.batch_size} must be divisible by the number of processes {world}")
-    _, _, data = prepare_data(DataConfig(data=args.data, vocab_size=args.vocab_size), args.data_dir, args.model_dir)
+    model.gradient_checkpointing = device.type != "cpu"  # GPU memory is the limit there; on CPU, time is
+    gates = router_parameters(model)  # freeze before wrapping: DDP and FSDP register what is trainable then
+    base_id = base_identity(args.model_dir, gates)  # before FSDP shards the routers
+    procs = setup_distributed(model, args.fsdp)
+    compute = f"{device.type}, {str(dtype).removeprefix('torch.')}"
+    if procs.rank == 0:
+        print(f"compute: {compute} ({why_device}; {why_dtype}); {procs.world} process(es)")
     out_dir = Path(args.out) / "remoe"
-    reports, state_file = finetune(args, model, data, out_dir, (rank, world, ddp_model))
+    key = remoe_key(args, base_id, corpus, compute, procs.world)
+    reports, state_file, earlier = finetune(args, model, data, out_dir, procs=procs, key=key, started=started)
     routers = {l: full_tensor(model.model.layers[l].mlp.gate.weight.detach()) for l in model.config.moe_layers}
-    if rank == 0:
+    results = None
+    if procs.rank == 0:
         results = {"base_model": str(args.model_dir), "stages": reports,
                    "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-                   "summary": summary(reports), "wall_seconds": round(time.perf_counter() - t0, 1)}
+                   "summary": summary(reports),
+                   # every process that worked on this run, up to the state the next one resumed
+                   "wall_seconds": round(earlier + time.perf_counter() - started, 1)}
         export_tuned(args.model_dir, out_dir, model.config, routers, results)
         print(f"\nwrote {out_dir} (only the router tensors differ from {args.model_dir})")
         print_summary(results["summary"])
-    if world > 1:
+    if procs.world > 1:
         torch.distributed.barrier()  # the export is complete before any process drops its state
     state_file.unlink(missing_ok=True)
-    return results if rank == 0 else None
+    return results
 
 
 def summary(reports):
-    base, final = reports["0 base"], reports[list(reports)[-1]]
-    cache = next(iter(base["lru_hit_rate"]))
-    return {"perplexity_base": base["perplexity"], "perplexity_tuned": final["perplexity"],
-            "perplexity_change": final["perplexity"] / base["perplexity"] - 1,
-            "reuse_base": base["reuse"]["1"], "reuse_tuned": final["reuse"]["1"],
-            "reuse_change": final["reuse"]["1"] / base["reuse"]["1"] - 1,
-            "load_max_over_mean_base": max(base["load_max_over_mean"]),
+    first, final = reports["0 base"], reports[list(reports)[-1]]
+    capacity = next(iter(first["lru_hit_rate"]))
+    return {"perplexity_base": first["perplexity"], "perplexity_tuned": final["perplexity"],
+            "perplexity_change": final["perplexity"] / first["perplexity"] - 1,
+            "reuse_base": first["reuse"]["1"], "reuse_tuned": final["reuse"]["1"],
+            "reuse_change": final["reuse"]["1"] / first["reuse"]["1"] - 1,
+            "load_max_over_mean_base": max(first["load_max_over_mean"]),
             "load_max_over_mean_tuned": max(final["load_max_over_mean"]),
-            "lru_cache": cache, "lru_hit_base": base["lru_hit_rate"][cache], "lru_hit_tuned": final["lru_hit_rate"][cache]}
+            "lru_cache": capacity, "lru_hit_base": first["lru_hit_rate"][capacity],
+            "lru_hit_tuned": final["lru_hit_rate"][capacity]}
 
 
 def print_summary(s):
@@ -520,107 +362,120 @@ def print_summary(s):
           f"LRU hit @{s['lru_cache']} {s['lru_hit_base']:.3f} -> {s['lru_hit_tuned']:.3f}")
 
 
-def pick_device(args):
-    if args.device == "cpu" or (args.device is None and not torch.cuda.is_available()):
-        return "cpu", torch.float32, "CPU: float32, since bfloat16 matmuls are ~100x slower on CPU"
-    return args.device or "cuda", torch.bfloat16, "GPU: bfloat16 weights, as the checkpoints ship"
-
-
 def sweep(args):
     """--sweep: fine-tune once per reuse weight and print reuse vs quality side by side."""
     rows = []
     root = Path(args.out)
     for lam in args.sweep:
         sub = argparse.Namespace(**{**vars(args), "reuse_weight": lam, "out": str(root / f"sweep-lambda{lam:g}")})
-        rows.append((lam, run_remoe(sub)["summary"]))
+        rows.append((lam, run_remoe(sub)))
+    if rows[0][1] is None:  # not the first process
+        return
     print("\nlambda  reuse w=1  change   perplexity  change   load max/mean  LRU hit")
-    for lam, s in rows:
+    for lam, results in rows:
+        s = results["summary"]
         print(f"{lam:6g}  {s['reuse_tuned']:9.3f}  {s['reuse_change']:+6.1%}  {s['perplexity_tuned']:10.2f}  "
               f"{s['perplexity_change']:+6.2%}  {s['load_max_over_mean_tuned']:13.2f}  {s['lru_hit_tuned']:7.3f}")
 
 
 # ----------------------------------------------------------------------------------------------
-# Command line
+# Command line: the ReMoE flags here, the data, base-model and run flags shared with base.py
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="ReMoE: fine-tune the routers of a MoE so consecutive tokens reuse experts. "
-                                            "With no --model, builds (once) and uses the embedded default base model.")
-    g = p.add_argument_group("model and data")
-    g.add_argument("--model", default=None, help="checkpoint folder to fine-tune (default: the embedded default base "
-                                                 "model OUT/base, built on first run)")
-    g.add_argument("--data", default=None, help="text file, folder of text files or .jsonl (default: Python stdlib)")
-    g.add_argument("--out", default=None, help="output root (default runs/default, or runs/<model folder name>): "
-                                               "base/, remoe/ and the data cache go here")
-    g.add_argument("--data-dir", default=None, help="token and tokenizer cache (default: OUT/data)")
-    g.add_argument("--vocab-size", type=int, default=8192, help="BPE vocabulary of the default tokenizer")
-    g.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available, else cpu)")
+    p = argparse.ArgumentParser(description="ReMoE: fine-tune the routers of a MoE so that consecutive tokens reuse "
+                                            "experts. With no --model, uses the default base model (base.py), "
+                                            "built first when it is missing.")
+    g = p.add_argument_group("model and output")
+    g.add_argument("--model", default=None, help="checkpoint folder to fine-tune (default: the default base model "
+                                                 "OUT/base, built on first run)")
+    g.add_argument("--out", default=None, help=f"output root: remoe/, base/ and data/ go here (default: {DEFAULT_RUN}, "
+                                               "or runs/<model folder name> with --model)")
+    g.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available, else cpu)")
     g = p.add_argument_group("ReMoE fine-tuning")
     g.add_argument("--reuse-weight", "--lambda", dest="reuse_weight", type=float, default=0.1,
-                   help="lambda: weight of the reuse loss")
-    g.add_argument("--window", type=int, default=1, help="w: experts of the previous w tokens count as recent")
-    g.add_argument("--balance-weight", type=float, default=0.3, help="beta: weight of the load-balance loss")
+                   help="lambda: weight of the reuse loss (default: %(default)s)")
+    g.add_argument("--window", type=int, default=1,
+                   help="w: experts of the previous w tokens count as recent (default: %(default)s)")
+    g.add_argument("--balance-weight", type=float, default=0.3, help="beta: weight of the load-balance loss "
+                                                                     "(default: %(default)s)")
     g.add_argument("--balance", choices=("switch", "sequence"), default="switch",
-                   help="balance loss: switch-style over the batch, or DeepSeek's sequence-wise (which fights reuse "
-                        "inside a sequence, but splits exactly across processes)")
-    g.add_argument("--balance-boost", type=float, default=4.0, help="beta multiplier in stage 2 (balance)")
+                   help="balance loss: switch-style over the batch, or DeepSeek's sequence-wise, which fights reuse "
+                        "inside a sequence (default: %(default)s)")
+    g.add_argument("--balance-boost", type=float, default=4.0, help="beta multiplier in stage 2, balance "
+                                                                    "(default: %(default)s)")
     g.add_argument("--distill-weight", type=float, default=1.0,
-                   help="gamma: weight of the KL to the base model's next-token distribution (0 disables)")
-    g.add_argument("--lr", type=float, default=2e-3, help="router learning rate (AdamW)")
-    g.add_argument("--stage-steps", type=lambda s: [int(x) for x in s.split(",")], default=[60, 15, 25],
-                   help="steps of stages 1 (reuse-aware), 2 (balance), 3 (calibration), comma-separated")
-    g.add_argument("--calib-split", choices=("train", "val"), default="val", help="split used for calibration")
-    g.add_argument("--sweep", type=lambda s: [float(x) for x in s.split(",")], default=None,
-                   help="comma-separated reuse weights: fine-tune once per weight and print a table")
+                   help="gamma: weight of the KL to the base model's next-token distribution, 0 disables "
+                        "(default: %(default)s)")
+    g.add_argument("--lr", type=float, default=2e-3, help="router learning rate, AdamW (default: %(default)s)")
+    g.add_argument("--stage-steps", default="60,15,25",
+                   help="steps of stages 1 (reuse-aware), 2 (balance), 3 (calibration) (default: %(default)s)")
+    g.add_argument("--calib-split", choices=("train", "val"), default="val",
+                   help="split the calibration stage trains on (default: %(default)s)")
+    g.add_argument("--sweep", default=None,
+                   help="comma-separated reuse weights: fine-tune once per weight into OUT/sweep-lambdaX and print a "
+                        "table (default: one run)")
     g.add_argument("--fsdp", action="store_true", help="shard the frozen model with FSDP2 (under torchrun)")
-    g.add_argument("--no-resume", action="store_true", help="ignore a saved training state and start over")
-    g = p.add_argument_group("default base model")
-    g.add_argument("--pretrain-steps", type=int, default=180, help="pretraining steps of the default base model")
-    g.add_argument("--pretrain-lr", type=float, default=3e-3, help="peak learning rate of pretraining")
-    g.add_argument("--balance-coef", type=float, default=0.03, help="weight of the switch balance loss in pretraining")
-    g.add_argument("--base-overrides", default=None, help="JSON dict overriding the default base config")
-    g.add_argument("--rebuild-base", action="store_true", help="pretrain the base model again even if it exists")
-    g.add_argument("--base-only", action="store_true", help="build and report the base model, do not fine-tune")
-    g = p.add_argument_group("batches and runs")
-    g.add_argument("--batch-size", type=int, default=16, help="sequences per step (global, across processes)")
-    g.add_argument("--seq-len", type=int, default=256, help="tokens per sequence")
-    g.add_argument("--eval-windows", type=int, default=64, help="fixed test windows for evaluation")
-    g.add_argument("--save-every", type=int, default=50, help="steps between resumable training states")
-    g.add_argument("--seed", type=int, default=0, help="random seed")
-    g.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    base.add_flags(p)
     args = p.parse_args(argv)
-    if len(args.stage_steps) != 3:
-        p.error("--stage-steps takes three comma-separated numbers")
     args.default_model = args.model is None
-    args.out = args.out or ("runs/default" if args.model is None else f"runs/{Path(args.model).resolve().name}")
+    args.out = args.out or (str(DEFAULT_RUN) if args.model is None else f"runs/{Path(args.model).resolve().name}")
     args.model_dir = Path(args.model) if args.model else Path(args.out) / "base"
     args.data_dir = Path(args.data_dir or Path(args.out) / "data")
     return args
 
 
+def numbers(text, kind, flag):
+    """A comma-separated flag value as a list of non-negative `kind`, or one UserError naming the flag."""
+    try:
+        values = [kind(x) for x in text.split(",")]
+    except ValueError:
+        values = [-1]
+    if min(values) < 0:
+        raise UserError(f"{flag} takes comma-separated numbers >= 0, got {text!r}")
+    return values
+
+
+def prepare_flags(args):
+    """base.prepare_flags, then the ReMoE flags: checked before any work, one UserError for a bad one."""
+    base.prepare_flags(args)
+    args.stage_steps = numbers(args.stage_steps, int, "--stage-steps")
+    if len(args.stage_steps) != 3:
+        raise UserError(f"--stage-steps takes 3 comma-separated numbers (stages 1, 2, 3), got {len(args.stage_steps)}")
+    if args.sweep is not None:
+        args.sweep = numbers(args.sweep, float, "--sweep")
+    for flag, value in (("--reuse-weight", args.reuse_weight), ("--balance-weight", args.balance_weight),
+                        ("--balance-boost", args.balance_boost), ("--distill-weight", args.distill_weight)):
+        if not value >= 0:
+            raise UserError(f"{flag} must be >= 0, got {value}")
+    if args.window < 1:
+        raise UserError(f"--window must be >= 1, got {args.window}")
+    if not args.lr > 0:
+        raise UserError(f"--lr must be > 0, got {args.lr}")
+    if args.rebuild_base and not args.default_model:
+        raise UserError("--rebuild-base pretrains the default base model, which --model replaces; drop one of them")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if args.batch_size % world:
+        raise UserError(f"--batch-size {args.batch_size} must be divisible by the number of processes ({world})")
+    if args.fsdp and not under_torchrun():
+        raise UserError("--fsdp shards the model across the processes that torchrun starts; run "
+                        "torchrun --nproc_per_node N train.py --fsdp ..., or drop --fsdp")
+    if args.default_model and under_torchrun() and (args.rebuild_base or not (args.model_dir / "config.json").is_file()):
+        raise UserError(f"build the default base model in one process before torchrun: python base.py --out {args.out}"
+                        f"{' --rebuild-base' if args.rebuild_base else ''}")
+
+
 def main(argv=None):
     args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    try:
-        if args.default_model:
-            if args.rebuild_base or not (args.model_dir / "config.json").is_file():
-                build_default_base(args, args.model_dir)
-            else:
-                print(f"using the default base model in {args.model_dir} (--rebuild-base to pretrain it again)")
-                if (args.model_dir / "results.json").is_file():
-                    print_base_report(json.loads((args.model_dir / "results.json").read_text()))
-            if args.base_only:
-                return
+    with user_errors(), base.stop_on_interrupt():
+        prepare_flags(args)
+        if args.default_model and not under_torchrun():
+            base.ensure_base(args)
         if args.sweep:
             sweep(args)
         else:
             run_remoe(args)
-    except (DataError, UserError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        print("\ninterrupted: run the same command again to resume from the last saved state", file=sys.stderr)
-        sys.exit(130)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

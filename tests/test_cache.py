@@ -1,6 +1,6 @@
 """Tests for cache.py: the simulator against a brute-force replay written from the rules in
-cache.py's docstring, Belady against an exhaustive search for the optimum, LRU against router.py's
-reference, and the disk store against safetensors' own loader.
+cache.py's docstring, Belady against an exhaustive search for the optimum, LRU against the
+plain-list oracle of tests/oracles.py, and the disk store against safetensors' own loader.
 
 Worked by hand (LRU, capacity 2, K = 2, one MoE layer, cold start), the step rule at work:
 
@@ -26,7 +26,7 @@ import torch
 
 import cache
 import model
-import router
+from oracles import lru_hits
 from tiny import make_checkpoint, read_config, read_tensors, write_checkpoint, write_fp8_checkpoint
 
 # ----------------------------------------------------------------------------------------------
@@ -184,14 +184,15 @@ def test_hits_plus_misses_is_k_tokens_layers():
 
 
 @pytest.mark.parametrize("K,capacity", [(1, 1), (2, 2), (2, 3), (3, 4), (4, 6), (4, 5)])
-def test_lru_matches_router_reference(K, capacity):
-    """router.lru_hit_rate is the project's first, independent LRU: the defaults must agree with it."""
+def test_lru_matches_brute_force(K, capacity):
+    """The simulator's defaults against tests/oracles.py's plain-list LRU, sequence by sequence."""
     g = torch.Generator().manual_seed(K * 10 + capacity)
     scores = torch.randn(3, 30, 10, generator=g)
     scores[:, 1:] += 2 * scores[:, :-1]  # some temporal correlation, so hits happen
     indices = scores.topk(K, dim=-1).indices  # (B, T, K)
     traces = cache.token_traces([indices])
-    assert cache.simulate(traces, "lru", capacity).hit_rate == pytest.approx(router.lru_hit_rate(indices, capacity))
+    want = sum(lru_hits(seq, capacity) for seq in indices.tolist()) / indices.numel()
+    assert cache.simulate(traces, "lru", capacity).hit_rate == pytest.approx(want)
 
 
 def test_belady_is_never_worse_than_lru_or_lfu():

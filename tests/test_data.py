@@ -16,9 +16,11 @@ from tokenizers import Tokenizer, models
 
 import data
 from data import (
-    SPLITS, Corpus, DataConfig, DataError, chunk_text, eval_windows, load_corpus, prepare_data,
-    random_batch, random_batches, split_of, stdlib_files, train_tokenizer,
+    SPLITS, Corpus, DataConfig, TokenData, chunk_text, eval_windows, load_corpus, prepare_data,
+    random_batch, random_batches, require_windows, split_of, stdlib_files, train_tokenizer,
 )
+from model import UserError
+from tiny import assert_cli_errors
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL_VOCAB = 400  # enough merges to be a real BPE, trains in milliseconds
@@ -128,17 +130,28 @@ def test_random_batches_reproducible_and_shifted_by_one():
 
 
 def test_corpus_too_small_for_one_batch_is_a_data_error():
-    with pytest.raises(DataError, match="fewer than one window"):
+    with pytest.raises(UserError, match="fewer than one window"):
         random_batch(np.arange(10, dtype=np.uint16), 4, 64, torch.Generator().manual_seed(0))
-    with pytest.raises(DataError, match="fewer than one window"):
+    with pytest.raises(UserError, match="fewer than one window"):
         eval_windows(np.zeros(0, dtype=np.uint16), 64, 10)
+
+
+def test_a_split_too_small_for_one_window_is_named_with_the_flag_to_change():
+    ids = TokenData(train=np.zeros(100, dtype=np.uint16), val=np.zeros(0, dtype=np.uint16),
+                    test=np.zeros(40, dtype=np.uint16), vocab_size=10, eot_id=0)
+    require_windows(ids, ("train",), 32)
+    with pytest.raises(UserError) as e:
+        require_windows(ids, ("train", "val", "test"), 32)
+    assert str(e.value).startswith("the val split has only 0 tokens") and "--seq-len" in str(e.value)
+    with pytest.raises(UserError, match="the test split has only 40 tokens, fewer than one window of --seq-len"):
+        require_windows(ids, ("test",), 40)
 
 
 def test_tiny_corpus_end_to_end_raises_on_batch(tmp_path):
     path = tmp_path / "tiny.jsonl"
     path.write_text("".join(json.dumps({"text": f"hi {i}"}) + "\n" for i in range(40)))
     _, _, ids = prepare_data(DataConfig(data=str(path), vocab_size=SMALL_VOCAB), tmp_path / "out")
-    with pytest.raises(DataError) as e:
+    with pytest.raises(UserError) as e:
         random_batch(ids.train, 4, 1024, torch.Generator().manual_seed(0))
     assert "\n" not in str(e.value)
 
@@ -148,7 +161,7 @@ def test_tiny_corpus_end_to_end_raises_on_batch(tmp_path):
 
 
 def one_line_error(cfg: DataConfig) -> str:
-    with pytest.raises(DataError) as e:
+    with pytest.raises(UserError) as e:
         load_corpus(cfg)
     assert "\n" not in str(e.value)
     return str(e.value)
@@ -184,7 +197,7 @@ def test_binary_non_utf8_and_empty_files_are_skipped_and_counted(tmp_path):
 
 def test_cache_folder_inside_the_corpus_is_refused(tmp_path):
     write_docs(tmp_path)
-    with pytest.raises(DataError, match="inside --data"):
+    with pytest.raises(UserError, match="inside --data"):
         prepare_data(DataConfig(data=str(tmp_path), vocab_size=SMALL_VOCAB), tmp_path / "runs" / "data")
 
 
@@ -203,7 +216,7 @@ def test_glob_option_and_no_usable_text(tmp_path):
         (tmp_path / name).write_text(f"# note {name}\n")
     corpus = load_corpus(DataConfig(data=str(tmp_path), glob="**/*.md"))
     assert sorted(n for s in SPLITS for n, _ in getattr(corpus, s)) == sorted(notes)
-    assert "no files match" in one_line_error(DataConfig(data=str(tmp_path), glob="*.rst"))
+    assert "match --glob" in one_line_error(DataConfig(data=str(tmp_path), glob="*.rst"))
     (tmp_path / "only_binary").mkdir()
     (tmp_path / "only_binary" / "a.bin").write_bytes(b"\x00\x01")
     assert "binary=1" in one_line_error(DataConfig(data=str(tmp_path / "only_binary")))
@@ -258,10 +271,10 @@ def test_checkpoint_tokenizer_json_matches_the_library(tmp_path, small_tokenizer
 
 def test_checkpoint_errors(tmp_path, small_tokenizer):
     corpus = Corpus(train=[("a", "a")], val=[], test=[])
-    with pytest.raises(DataError, match="tokenizer.json"):
+    with pytest.raises(UserError, match="tokenizer.json"):
         data.load_or_train_tokenizer(tmp_path / "out", corpus, SMALL_VOCAB, checkpoint=tmp_path)
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "</s>"}))
-    with pytest.raises(DataError, match="'</s>'"):
+    with pytest.raises(UserError, match="'</s>'"):
         data.separator_id(small_tokenizer, tmp_path)
 
 
@@ -292,7 +305,7 @@ def test_second_call_reads_the_cache(tmp_path, monkeypatch):
     _, tok, first = prepare_data(cfg, out)
     new_files = files_under(tmp_path) - before
     assert new_files and all(out in p.parents for p in new_files)  # nothing written outside `out`
-    assert not any(p.name.endswith(".tmp") for p in new_files)
+    assert not any(p.name.startswith(".") for p in new_files)  # no temporary file of an atomic write left
     assert isinstance(first.train, np.memmap) and tok.get_vocab_size() == SMALL_VOCAB
 
     def must_not_run(*args, **kwargs):
@@ -323,15 +336,13 @@ def test_second_call_reads_the_cache(tmp_path, monkeypatch):
 # Command line
 
 
-def test_cli_missing_data_path_is_one_error_line(tmp_path):
-    result = subprocess.run(
-        [sys.executable, "data.py", "--data", str(tmp_path / "missing"), "--out", str(tmp_path / "out")],
-        cwd=ROOT, capture_output=True, text=True,
-    )
-    assert result.returncode == 2
-    assert "Traceback" not in result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and "missing" in lines[0]
+def test_cli_bad_input_is_one_error_line(tmp_path):
+    (tmp_path / "empty").mkdir()
+    cases = {
+        "missing --data": (["--data", str(tmp_path / "missing")], "does not exist"),
+        "empty folder": (["--data", str(tmp_path / "empty")], "match --glob '**/*'; expected text files there"),
+    }
+    assert_cli_errors(ROOT / "data.py", cases, cwd=tmp_path, extra=["--out", str(tmp_path / "out")])
     assert not (tmp_path / "out").exists()
 
 

@@ -4,8 +4,8 @@ What is checked, per architecture variant of `tiny.ARCH_VARIANTS` (tiny random c
 by transformers itself): fp32 logits, the expert sets each token is routed to, the routing
 weights recomputed from the returned scores, KV-cache decoding, greedy generation, sharded and
 legacy-keyed checkpoints, config field names. Then the published configs' parameter totals
-(spec §2.3), DeepSeek-V3 FP8 block-scaled weights, loading without routed experts, the tokenizer,
-and one-line errors for broken checkpoints (library and CLI). Leaves out bf16 parity (spec §6:
+(the published totals recomputed from the configs), DeepSeek-V3 FP8 block-scaled weights, loading without routed experts, the tokenizer,
+and one-line errors for broken checkpoints (library and CLI). Leaves out bf16 parity (
 routing flips make bf16 comparisons all-or-nothing per token) and GPU.
 
 Run: python -m pytest -q tests/test_model.py
@@ -33,7 +33,8 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODEL_PY = os.path.join(REPO_ROOT, "model.py")
 CONFIGS_DIR = os.path.join(REPO_ROOT, "tests", "configs")
 
-# fp32 tolerances: transformers' own fp32 paths agree within 6e-6 at |logits| ~ 4 (spec §6); the
+# fp32 tolerances: transformers' own fp32 code paths (eager vs sdpa attention, eager vs grouped_mm experts)
+# agree with each other within 6e-6 at |logits| ~ 4 on these tiny models; the
 # KV cache only changes matmul shapes, so it must agree tighter than a re-implementation.
 LOGITS_ATOL = 1e-4
 CACHE_ATOL = 1e-5
@@ -54,7 +55,8 @@ def ids_for(hf_model, seed=0, batch=BATCH, length=SEQ):
 
 
 def expert_count(config_dict):
-    """The routed-expert count whatever the file calls it (spec §8 rule 3)."""
+    """The routed-expert count whatever the file calls it: the first present of n_routed_experts (DeepSeek),
+    num_experts (Qwen, OLMoE) and num_local_experts (Mixtral; transformers 5 also writes it for Qwen3)."""
     for key in ("n_routed_experts", "num_experts", "num_local_experts"):
         if config_dict.get(key) is not None:
             return config_dict[key]
@@ -106,7 +108,9 @@ def test_routing_matches_transformers(vid, tiny, loaded):
 
 
 def expected_weights(hf_config, scores, indices):
-    """Routing weights from the full scores, as each architecture's math says (spec §4.2, §5)."""
+    """Routing weights from the full scores, as each architecture's math says: the scores of the chosen experts
+    (softmax, or sigmoid for DeepSeek-V3), renormalised to sum 1 where norm_topk_prob applies (never for
+    deepseek_v2 in transformers), times routed_scaling_factor."""
     arch = hf_config.model_type
     picked = scores.gather(-1, indices)
     if arch == "deepseek_v2":  # transformers never normalises here, whatever norm_topk_prob says
@@ -220,7 +224,7 @@ def assert_same_model(net, reference, ids, msg):
 @torch.no_grad()
 def test_sharded_checkpoint_loads_identically(vid, tiny, loaded, tmp_path):
     """Shards are found through the index's weight_map only: the files are renamed to DeepSeek's
-    6-digit pattern, which no loader could derive from transformers' 5-digit one (spec §3.9)."""
+    6-digit total (model-00001-of-000004), which no loader could derive from transformers' 5-digit one."""
     hf, _ = tiny(vid)
     hf.save_pretrained(str(tmp_path), max_shard_size="64KB")
     index_path = tmp_path / "model.safetensors.index.json"
@@ -238,7 +242,7 @@ def test_sharded_checkpoint_loads_identically(vid, tiny, loaded, tmp_path):
 
 
 def legacy_copy(src, dst, edit=None):
-    """A copy of checkpoint `src` whose config.json uses the hub's legacy keys (spec §8)."""
+    """A copy of checkpoint `src` whose config.json uses the hub's legacy keys (tiny.to_legacy_config)."""
     os.makedirs(dst, exist_ok=True)
     shutil.copy(os.path.join(src, "model.safetensors"), os.path.join(dst, "model.safetensors"))
     cfg = to_legacy_config(read_config(src))
@@ -264,7 +268,7 @@ def test_legacy_config_loads_identically(vid, tiny, loaded, tmp_path):
 @pytest.mark.parametrize("vid", ["mixtral-gqa", "olmoe"])
 @torch.no_grad()
 def test_missing_rope_theta_uses_class_default(vid, tiny, loaded, tmp_path):
-    """A config without rope_theta gets the class default: 1e6 for Mixtral, 1e4 otherwise (spec §8);
+    """A config without rope_theta gets the class default: 1e6 for Mixtral, 1e4 otherwise (transformers' class defaults);
     the tiny Mixtral and OLMoE were built with exactly those values."""
     hf, path = tiny(vid)
     legacy_copy(str(path), str(tmp_path), edit=lambda c: c.pop("rope_theta"))
@@ -292,7 +296,7 @@ def test_config_exposes_standard_names(vid, tiny, loaded):
 @variants
 def test_module_names_follow_checkpoint(vid, tiny, loaded):
     """Routed experts and routers sit where offloading code will look for them, holding the
-    tensors of the file (Mixtral's w1/w3/w2 are gate/up/down, spec §3.7)."""
+    tensors of the file (Mixtral's w1/w3/w2 are gate/up/down, under block_sparse_moe on disk)."""
     _, path = tiny(vid)
     disk = read_tensors(path)
     net = loaded(vid)
@@ -312,9 +316,10 @@ def test_module_names_follow_checkpoint(vid, tiny, loaded):
 
 # ---------------------------------------------------------------- published configs
 
-# Totals of spec §2.3 ("recomputed total" column: transformers 5.23 on the meta device, which
-# matches the published figures; DeepSeek-V3 without its MTP layer), with the layer count, expert
-# count, top-k and number of MoE layers of spec §2.1-2.2.
+# Parameter totals of the published models: sum(p.numel()) of transformers 5.23 built on the meta device
+# from tests/configs (which matches the published figures, e.g. V2-Lite's checkpoint dump of
+# 15,706,484,224; DeepSeek-V3 without its multi-token-prediction layer), with each model's layer
+# count, routed-expert count, top-k and number of MoE layers from the same configs.
 PUBLISHED = {
     "DeepSeek-V2-Lite": (15_706_484_224, 27, 64, 6, 26),
     "DeepSeek-V2": (235_741_434_880, 60, 160, 6, 59),

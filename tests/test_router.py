@@ -1,15 +1,18 @@
-"""Tests for router.py: every loss and metric against a plain Python loop, plus hand-worked cases.
+"""Tests for router.py: every loss and metric against a plain Python loop, plus hand-worked cases;
+and the LRU hit rate that base.py and train.py report (cache.simulate) against two LRU loops.
 
 The brute-force references below loop over sequences and tokens with Python sets and floats, so
-they share no code (and no vectorisation trick) with router.py.
+they share no code (and no vectorisation trick) with router.py or cache.py.
 """
 import math
 import random
+from collections import OrderedDict
 from typing import NamedTuple
 
 import pytest
 import torch
 
+import cache
 import router
 
 
@@ -282,7 +285,85 @@ def test_balance_uniform_is_one_and_collapsed_is_larger():
 
 
 # ----------------------------------------------------------------------------
-# LRU cache
+# data parallel: the switch loss with its counts summed over processes
+
+
+@pytest.mark.parametrize("score_func", ["softmax", "sigmoid"])
+def test_switch_loss_split_over_processes_equals_one_process(score_func):
+    """Two processes with half of the batch each, whose expert counts `reduce` sums: the mean of their
+    losses, and of their gradients (what DDP averages), is the one-process loss and gradient over the
+    whole batch. Without `reduce` each half balances only itself, and the gradient differs."""
+    logits, r = random_routing(4, B=4, score_func=score_func, requires_grad=True)
+    full = router.switch_balance_loss(r.indices, r.scores, 8)
+    (grad_full,) = torch.autograd.grad(full, logits, retain_graph=True)
+    halves = [slice(0, 2), slice(2, 4)]
+    counts = [torch.bincount(r.indices[h].reshape(-1), minlength=8) for h in halves]
+
+    def two_processes(summed):
+        losses = [router.switch_balance_loss(r.indices[h], r.scores[h], 8,
+                                             (lambda c, other=counts[1 - i]: c + other) if summed else None)
+                  for i, h in enumerate(halves)]
+        mean = (losses[0] + losses[1]) / 2
+        return mean, torch.autograd.grad(mean, logits, retain_graph=True)[0]
+
+    loss, grad = two_processes(summed=True)
+    assert_close(loss, full, tol=1e-12)
+    assert_close(grad, grad_full, tol=1e-12)
+    _, grad_alone = two_processes(summed=False)
+    assert (grad_alone - grad_full).abs().max() > 1e-4
+    # balance_loss hands `reduce` to the switch loss
+    seen = []
+    router.balance_loss([r], 8, "switch", reduce=lambda c: seen.append(c.clone()) or c)
+    assert len(seen) == 1 and seen[0].sum() == 4 * 10 * 2
+
+
+# ----------------------------------------------------------------------------
+# LRU hit rate: cache.simulate, the project's one cache simulator, against two loops written here
+
+
+def lru_hit_rate_loop(indices, capacity):
+    """Hit rate of one layer's LRU cache of `capacity` experts, replaying routing [T,K] or [B,T,K]:
+    the reference router.py held before cache.py existed, kept here as an oracle.
+
+    Semantics, chosen to match a decoder that needs all K experts of a token before computing:
+      - each sequence starts with an empty cache (cold start); the rate is hits / (B*T*K);
+      - capacity >= K: the token's K experts are looked up in the cache as it was before the
+        token; the misses are loaded, each evicting the least-recently-used expert that this
+        token does not need (a token never evicts one of its own experts); then the K experts
+        become the most recent, in top-k slot order (slot K-1 most recent);
+      - capacity < K: the token cannot hold its experts together, so they stream through the
+        cache one at a time in slot order, each a plain LRU access (hit only if still present).
+    """
+    seqs = indices.reshape(-1, *indices.shape[-2:]).tolist()  # [B][T][K] python ints
+    hits = requests = 0
+    for seq in seqs:
+        lru = OrderedDict()  # keys ordered from least to most recently used
+        for experts in seq:
+            requests += len(experts)
+            if capacity < len(experts):
+                for e in experts:
+                    if e in lru:
+                        hits += 1
+                    elif len(lru) == capacity:
+                        lru.popitem(last=False)
+                    lru[e] = None
+                    lru.move_to_end(e)
+                continue
+            misses = [e for e in experts if e not in lru]
+            hits += len(experts) - len(misses)
+            while len(lru) + len(misses) > capacity:
+                victim = next(e for e in lru if e not in experts)  # oldest not needed now
+                del lru[victim]
+            for e in experts:
+                lru[e] = None
+                lru.move_to_end(e)
+    return hits / requests
+
+
+def simulated_lru(indices, capacity):
+    """cache.simulate's LRU hit rate for one layer's routing [T,K] or [B,T,K], as base.evaluate calls it."""
+    per_layer = [indices.reshape(-1, *indices.shape[-2:])]  # one layer, (B, T, K)
+    return cache.simulate(cache.token_traces(per_layer), "lru", capacity).hit_rate
 
 
 @pytest.mark.parametrize("seed", range(20))
@@ -291,40 +372,51 @@ def test_lru_matches_independent_simulation(seed):
     E, K, T = rng.choice([4, 8, 16]), rng.choice([1, 2, 3]), rng.randint(1, 40)
     seq = [rng.sample(range(E), K) for _ in range(T)]
     for capacity in range(1, E + 2):
-        got = router.lru_hit_rate(torch.tensor(seq), capacity)
-        assert got == bf_lru(seq, capacity) / (T * K), (seq, capacity)
+        expected = bf_lru(seq, capacity) / (T * K)
+        assert lru_hit_rate_loop(torch.tensor(seq), capacity) == expected, (seq, capacity)
+        assert simulated_lru(torch.tensor(seq), capacity) == expected, (seq, capacity)
 
 
 def test_lru_batch_is_independent_cold_starts():
     rng = random.Random(7)
     seqs = [[rng.sample(range(8), 2) for _ in range(12)] for _ in range(3)]
-    got = router.lru_hit_rate(torch.tensor(seqs), 3)  # (B=3, T=12, K=2)
-    assert got == sum(bf_lru(s, 3) for s in seqs) / (3 * 12 * 2)
+    expected = sum(bf_lru(s, 3) for s in seqs) / (3 * 12 * 2)
+    assert lru_hit_rate_loop(torch.tensor(seqs), 3) == expected  # (B=3, T=12, K=2)
+    assert simulated_lru(torch.tensor(seqs), 3) == expected
 
 
-def test_lru_hand_cases():
+def test_lru_over_layers_is_the_mean_of_the_layers():
+    """base.evaluate replays all MoE layers at once, each with its own cache: every layer makes the
+    same number of requests, so the pooled rate is the mean of the per-layer rates."""
+    layers = random_layers(5)
+    for capacity in (1, 2, 3, 4, 8):
+        expected = sum(lru_hit_rate_loop(r.indices, capacity) for r in layers) / len(layers)
+        got = cache.simulate(cache.token_traces(layers), "lru", capacity).hit_rate
+        assert got == pytest.approx(expected, abs=1e-12)
+
+
+@pytest.mark.parametrize("lru_hit_rate", [lru_hit_rate_loop, simulated_lru])
+def test_lru_hand_cases(lru_hit_rate):
     # capacity >= E: only cold misses, one per distinct expert
     seq = torch.tensor([[0, 1], [1, 2], [0, 2], [3, 0], [1, 3]])
-    assert router.lru_hit_rate(seq, capacity=4) == (10 - 4) / 10
+    assert lru_hit_rate(seq, capacity=4) == (10 - 4) / 10
     # capacity == K: a repeated set hits twice, a set sharing one expert hits once
-    assert router.lru_hit_rate(torch.tensor([[0, 1], [0, 1], [1, 2]]), capacity=2) == 3 / 6
+    assert lru_hit_rate(torch.tensor([[0, 1], [0, 1], [1, 2]]), capacity=2) == 3 / 6
     # a token never evicts its own expert: after [0, 5], [0, 1] the cache is 0 (older), 1 (newer);
     # token [2, 0] hits 0 and loads 2 by evicting 1, not the older 0 that it needs itself;
     # so the last token [0, 2] hits twice: 0 + 1 + 1 + 2 hits out of 8
-    assert router.lru_hit_rate(torch.tensor([[0, 5], [0, 1], [2, 0], [0, 2]]), capacity=2) == 4 / 8
+    assert lru_hit_rate(torch.tensor([[0, 5], [0, 1], [2, 0], [0, 2]]), capacity=2) == 4 / 8
     # capacity < K streams: capacity 1, tokens [0, 1] then [1, 0]: 0 miss, 1 miss, 1 hit, 0 miss
-    assert router.lru_hit_rate(torch.tensor([[0, 1], [1, 0]]), capacity=1) == 1 / 4
+    assert lru_hit_rate(torch.tensor([[0, 1], [1, 0]]), capacity=1) == 1 / 4
 
 
 def test_routing_report():
     layers = random_layers(3)
-    rep = router.routing_report(layers, 8, windows=(1, 2), cache_sizes=(2, 4))
+    rep = router.routing_report(layers, 8, windows=(1, 2))
     assert rep["layers"] == [0, 1, 2]
     for w in (1, 2):
         assert_close(rep["reuse_per_layer"][w], [bf_reuse_rate(r.indices, w) for r in layers])
         assert_close(rep["reuse"][w], sum(rep["reuse_per_layer"][w]) / 3)
     assert rep["reuse"][2] >= rep["reuse"][1]
     assert len(rep["load_max_over_mean"]) == len(rep["load_cv"]) == 3
-    for c in (2, 4):
-        expected = [sum(bf_lru(seq, c) for seq in r.indices.tolist()) / (2 * 10 * 2) for r in layers]
-        assert_close(rep["lru_hit_rate"][c], sum(expected) / 3)
+    assert "lru_hit_rate" not in rep  # cache hit rates are cache.py's

@@ -3,10 +3,12 @@
 Every test that needs weights builds them here: a three-layer model per architecture, weights
 drawn so that each part of the forward matters (norm weights away from 1, biases and the
 DeepSeek-V3 correction bias non-zero), saved by transformers' own `save_pretrained`, so the
-files have exactly the hub's disk layout (spec §3.8). Helpers to rewrite a saved checkpoint into
+files have exactly the hub's disk layout (transformers 5 fuses experts in memory but its
+save_pretrained writes the per-expert names of the hub files, Mixtral's block_sparse_moe w1/w2/w3 included). Helpers to rewrite a saved checkpoint into
 the older hub forms (legacy config keys, FP8 block-quantised weights, an MTP layer) live here
 too, so other test files reuse one definition. Leaves out bf16: parity is checked in fp32
-(spec §6: bf16 comparisons are all-or-nothing per token).
+(in bf16 a tiny numeric difference flips which expert wins at a few positions, so bf16
+comparisons are all-or-nothing per token).
 """
 
 import copy
@@ -63,7 +65,8 @@ ARCH_DEFAULTS = {
 
 def yarn(mscale, mscale_all_dim, factor=40.0, original=32):
     """YaRN rope parameters as transformers 5 writes them. With qk_rope_head_dim 8 and a short
-    original context the ramp (spec §4.4) keeps some frequencies and interpolates others."""
+    original context the YaRN ramp keeps the high frequencies, divides the low ones by `factor`, and
+    blends those in between."""
     return {"rope_type": "yarn", "rope_theta": 10000.0, "factor": factor,
             "original_max_position_embeddings": original, "beta_fast": 32.0, "beta_slow": 1.0,
             "mscale": mscale, "mscale_all_dim": mscale_all_dim}
@@ -79,10 +82,10 @@ ARCH_VARIANTS = [
     ("ds2-group-limited", "deepseek_v2", dict(
         q_lora_rank=24, topk_method="group_limited_greedy", n_routed_experts=16,
         num_experts_per_tok=4, n_group=4, topk_group=2, routed_scaling_factor=16.0)),
-    # transformers ignores norm_topk_prob for deepseek_v2 (spec §4.2); the remote code does not.
+    # transformers ignores norm_topk_prob for deepseek_v2; the hub's remote code does not.
     ("ds2-norm-topk-ignored", "deepseek_v2", {"norm_topk_prob": True, "routed_scaling_factor": 2.0}),
     ("ds2-yarn", "deepseek_v2", {"rope_parameters": yarn(0.707, 0.707)}),
-    # mscale != mscale_all_dim: cos/sin carry an attention factor != 1 (spec §4.4).
+    # mscale != mscale_all_dim: cos/sin carry the attention factor mscale(f, m) / mscale(f, m_all) != 1.
     ("ds2-yarn-mscale-differs", "deepseek_v2", {"rope_parameters": yarn(1.0, 0.707)}),
     ("ds3-noaux-norm", "deepseek_v3", {"norm_topk_prob": True}),
     ("ds3-noaux-nonorm", "deepseek_v3", {"norm_topk_prob": False}),
@@ -97,20 +100,30 @@ ARCH_VARIANTS = [
 VARIANT_IDS = [vid for vid, _, _ in ARCH_VARIANTS]
 VARIANTS = {vid: (arch, overrides) for vid, arch, overrides in ARCH_VARIANTS}
 
-# ---------------------------------------------------------------- the small default-like base (train.py)
+# ---------------------------------------------------------------- the small default-like base (base.py, train.py)
 
-# a base model "built the same way" as the default (train.DEFAULT_BASE), only smaller
+# a base model "built the same way" as the default (base.DEFAULT_BASE), only smaller
 SMALL_BASE = dict(hidden_size=32, num_hidden_layers=3, intermediate_size=48, num_attention_heads=2,
                   num_key_value_heads=2, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8,
                   n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=16)
+# `python base.py` (and train.py when it builds the base) with these flags pretrains SMALL_BASE in seconds
 SMALL_RUN = ["--vocab-size", "320", "--batch-size", "4", "--seq-len", "32", "--eval-windows", "4",
              "--pretrain-steps", "4", "--base-overrides", json.dumps(SMALL_BASE), "--seed", "0"]
+
+
+def finetune_args(corpus, out, *extra):
+    """train.py flags for a short ReMoE run of OUT/base (a copy of the small base model) on `corpus`,
+    saving its state after every step."""
+    return ["--model", str(out / "base"), "--data", str(corpus), "--out", str(out),
+            "--stage-steps", "3,1,2", "--save-every", "1", "--batch-size", "4", "--seq-len", "32",
+            "--eval-windows", "4", "--seed", "0", *extra]
 
 # ---------------------------------------------------------------- building checkpoints
 
 
 def tiny_config(arch, **overrides):
-    """The transformers config object for a tiny model of `arch`, eager everywhere (spec §7)."""
+    """The transformers config object for a tiny model of `arch`, eager everywhere (transformers 5.23
+    defaults to sdpa attention and grouped_mm experts, which round differently)."""
     from transformers import AutoConfig
 
     # deep copies: transformers may edit rope_parameters in place, and these tables are shared
@@ -127,7 +140,7 @@ def tiny_config(arch, **overrides):
 @torch.no_grad()
 def randomize_(model, seed):
     """Draw weights so that every term of the forward shows in the logits: linear weights
-    N(0, 1/fan_in), embeddings N(0, 1), norm weights 1+0.2·N, biases 0.1·N (spec §6), and a
+    N(0, 1/fan_in), embeddings N(0, 1), norm weights 1+0.2·N, biases 0.1·N (so every norm, bias and head shows in the logits), and a
     DeepSeek-V3 correction bias shifted negative, so that selection differs from the unbiased
     scores and masking dropped groups with 0.0 instead of -inf would pick different experts."""
     gen = torch.Generator().manual_seed(seed)
@@ -186,7 +199,8 @@ def moe_layer_ids(hf_model):
 def hf_routing(hf_model, input_ids):
     """Run transformers and record each router's output by forward hooks on `mlp.gate`, which in
     5.23 returns `(router_logits, weights, indices)` for every architecture here, each [B·T, ·]
-    (spec §6). Returns (logits, {layer: (router_logits, weights, indices)})."""
+    (router logits in fp32 for DeepSeek, in model dtype for the others). Returns (logits, {layer:
+    (router_logits, weights, indices)})."""
     records, handles = {}, []
     for i in moe_layer_ids(hf_model):
         def hook(_module, _inputs, output, i=i):
@@ -237,7 +251,7 @@ def write_config(path, config):
 
 
 def to_legacy_config(config):
-    """Rewrite a transformers-5 config.json dict into the key names of the hub files (spec §8):
+    """Rewrite a transformers-5 config.json dict into the key names of the hub files:
     top-level `rope_theta`, `rope_scaling` with the old `type` key, `torch_dtype`, qwen3's
     `num_experts`, no derived `head_dim`/`qk_head_dim` for DeepSeek, no filled-in defaults."""
     cfg = dict(config)
@@ -275,14 +289,14 @@ _FP8_WEIGHT = re.compile(r"\.(self_attn|mlp)\..*(proj|proj_with_mqa)\.weight$")
 
 def is_fp8_weight(name):
     """Attention and MLP/expert projections are stored FP8 in DeepSeek-V3; router, norms,
-    embeddings and lm_head are not (spec §3.2)."""
+    embeddings and lm_head are not."""
     return bool(_FP8_WEIGHT.search(name))
 
 
 def quantize_fp8(weight, block):
     """Block-quantise a 2-D weight to float8_e4m3fn with one fp32 `weight_scale_inv` per block,
     partial edge blocks included. Returns (w_fp8, scale_inv, dequantized) with
-    dequantized[i, j] = w_fp8[i, j] * scale_inv[i // bo, j // bi] (spec §3.2)."""
+    dequantized[i, j] = w_fp8[i, j] * scale_inv[i // bo, j // bi], DeepSeek-V3's format (128 x 128 blocks)."""
     bo, bi = block
     out_f, in_f = weight.shape
     rows, cols = math.ceil(out_f / bo), math.ceil(in_f / bi)
@@ -298,7 +312,8 @@ def quantize_fp8(weight, block):
 
 def mtp_layer_tensors(tensors, config):
     """Tensors of a DeepSeek-V3 multi-token-prediction module stored as layer `num_hidden_layers`
-    (spec §3.2): a copy of the last decoder layer plus the MTP-only leaves. A loader must skip them."""
+    (layer 61 in the real model): a copy of the last decoder layer plus the MTP-only leaves (enorm, hnorm,
+    eh_proj, shared_head, embed_tokens). transformers ignores them on load, and so must a loader."""
     n = config["num_hidden_layers"]
     hidden, vocab = config["hidden_size"], config["vocab_size"]
     last = f"model.layers.{n - 1}."

@@ -33,13 +33,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
 import cache
 import router
 from data import DataConfig, eval_windows, prepare_data, random_batch, require_windows
-from model import DEFAULT_RUN, UserError, atomic_write, build_model, remove_stale_temps, save_model, user_errors
+from model import DEFAULT_RUN, MoE, UserError, atomic_write, build_model, remove_stale_temps, save_model, user_errors
 
 # ----------------------------------------------------------------------------------------------
 # The default base model: small enough to pretrain on 2 CPU cores in about 5 minutes, shaped like
@@ -104,25 +105,103 @@ def init_weights(model, std=0.02):
 def evaluate(model, tokens, seq_len=256, max_windows=64, batch_size=8, cache_sizes=()):
     """Mean next-token loss over fixed test windows, router.py's routing report on them, and the hit
     rate of a per-layer LRU cache of each of `cache_sizes` experts (cache.py, cold start per window)."""
+    windows = eval_windows(tokens, seq_len, max_windows)  # (W, T+1)
+    loss, routing = windows_loss(model, windows, batch_size, with_routing=True)
+    report = router.routing_report(routing, model.config.n_routed_experts, windows=(1, 2, 4))
+    traces = cache.token_traces(routing)  # one trace per window: each starts with empty caches
+    report["lru_hit_rate"] = {c: cache.simulate(traces, "lru", c).hit_rate for c in cache_sizes}
+    metrics = {"loss": loss, "perplexity": math.exp(loss), "tokens": windows[:, 1:].numel(), **report}
+    return json.loads(json.dumps(metrics)), routing  # JSON-shaped (string keys), as results.json holds it
+
+
+@torch.no_grad()
+def windows_loss(model, windows, batch_size=8, with_routing=False):
+    """Mean next-token loss of `model` on windows (W, T+1) and, on request, every MoE layer's routing
+    over all of them (indices, weights (W, T, K), scores (W, T, E) per layer)."""
     device = next(model.parameters()).device
-    windows = eval_windows(tokens, seq_len, max_windows).to(device)  # (W, T+1)
-    total, count, routing_all = 0.0, 0, []
-    for chunk in windows.split(batch_size):
+    total, routing_all = 0.0, []
+    for chunk in windows.to(device).split(batch_size):
         logits, routing = model(chunk[:, :-1], return_routing=True)
         total += F.cross_entropy(logits.flatten(0, 1).float(), chunk[:, 1:].flatten(), reduction="sum").item()
-        count += chunk[:, 1:].numel()
-        routing_all.append(routing)
-    # stack every batch's routing per layer, so reuse, load and hits are measured over all windows
+        if with_routing:
+            routing_all.append(routing)
+    loss = total / windows[:, 1:].numel()
+    if not with_routing:
+        return loss
     routing = [r._replace(indices=torch.cat([b[i].indices for b in routing_all]),  # (W, T, K)
                           weights=torch.cat([b[i].weights for b in routing_all]),  # (W, T, K)
                           scores=torch.cat([b[i].scores for b in routing_all]))    # (W, T, E)
                for i, r in enumerate(routing_all[0])]
-    loss = total / count
-    report = router.routing_report(routing, model.config.n_routed_experts, windows=(1, 2, 4))
-    traces = cache.token_traces(routing)  # one trace per window: each starts with empty caches
-    report["lru_hit_rate"] = {c: cache.simulate(traces, "lru", c).hit_rate for c in cache_sizes}
-    metrics = {"loss": loss, "perplexity": math.exp(loss), "tokens": count, **report}
-    return json.loads(json.dumps(metrics)), routing  # JSON-shaped (string keys), as results.json holds it
+    return loss, routing
+
+
+# ----------------------------------------------------------------------------------------------
+# The certificate: a testbed for routing methods must be able to fail one, so the model's quality
+# must depend on its routing as a real MoE's does (DeepSeek-V2-Lite, Qwen or OLMoE are wrecked by a
+# random router). Two ablations show it: random routers, and the routed experts switched off.
+
+class NoRoutedExperts(nn.Module):
+    """An experts provider (model.Experts' two methods) that provides no expert: the MoE layer then
+    returns only its shared part (zero where there are no shared experts)."""
+
+    def bonus(self):
+        return None
+
+    def fetch(self, indices, x):
+        return iter(())
+
+
+@contextmanager
+def routed_experts_off(model):
+    """Within the block every MoE layer runs without its routed experts."""
+    moes = [b.mlp for b in model.model.layers if isinstance(b.mlp, MoE)]
+    kept = [m.experts for m in moes]
+    for m in moes:
+        m.experts = NoRoutedExperts()
+    try:
+        yield model
+    finally:
+        for m, experts in zip(moes, kept):
+            m.experts = experts
+
+
+@contextmanager
+@torch.no_grad()
+def random_routers(model, seed):
+    """Within the block every router row (one expert's direction) is a random Gaussian row rescaled
+    to the learned row's norm: the same score scale and spread, routing with no knowledge of the text."""
+    gates = [b.mlp.gate for b in model.model.layers if isinstance(b.mlp, MoE)]
+    kept = [g.weight.detach().clone() for g in gates]
+    gen = torch.Generator().manual_seed(seed)
+    for g in gates:
+        w = torch.randn(g.weight.shape, generator=gen, dtype=torch.float32)  # (E, D)
+        g.weight.copy_(w * (g.weight.float().norm(dim=1, keepdim=True) / w.norm(dim=1, keepdim=True)))
+    try:
+        yield model
+    finally:
+        for g, w in zip(gates, kept):
+            g.weight.copy_(w)
+
+
+def ablations(model, windows, seeds=(0, 1, 2), batch_size=8):
+    """Perplexity on windows (W, T+1) with the learned routers, with random routers (the mean
+    perplexity over `seeds`), and with the routed experts off; and each ablation's relative change."""
+    learned = math.exp(windows_loss(model, windows, batch_size))
+    per_seed = []
+    for seed in seeds:
+        with random_routers(model, seed):
+            per_seed.append(math.exp(windows_loss(model, windows, batch_size)))
+    with routed_experts_off(model):
+        off = math.exp(windows_loss(model, windows, batch_size))
+    random = sum(per_seed) / len(per_seed)
+    return {"learned": learned, "random_router": random, "random_router_seeds": per_seed, "routed_experts_off": off,
+            "random_router_change": random / learned - 1, "routed_experts_off_change": off / learned - 1}
+
+
+def print_ablations(a, where="test"):
+    print(f"certificate ({where} perplexity): learned routers {a['learned']:.1f} | random routers "
+          f"{a['random_router']:.1f} ({a['random_router_change']:+.0%}) | routed experts off "
+          f"{a['routed_experts_off']:.1f} ({a['routed_experts_off_change']:+.0%})")
 
 
 def unigram_loss(train, test, vocab_size):
@@ -271,6 +350,7 @@ def build_base(args, out_dir):
     model, config_dict, wall, earlier = pretrain(args, corpus, data, state_file)
     capacity = 2 * model.config.num_experts_per_tok
     metrics, _ = evaluate(model, data.test, args.seq_len, args.eval_windows, cache_sizes=(capacity,))
+    metrics["ablations"] = ablations(model, eval_windows(data.test, args.seq_len, args.eval_windows))
     uni = unigram_loss(data.train, data.test, data.vocab_size)
     results = {
         "config": {k: v for k, v in config_dict.items() if k != "architectures"},
@@ -299,6 +379,8 @@ def print_base_report(results):
         print(f"{layer:5d}  {mm:13.2f}  {cv:7.2f}  {reuse:10.3f}")
     capacity, hit = next(iter(t["lru_hit_rate"].items()))
     print(f"reuse rate (w=1) {t['reuse']['1']:.3f}, LRU hit rate at cache {capacity}: {hit:.3f}")
+    if "ablations" in t:
+        print_ablations(t["ablations"])
 
 
 def ensure_base(args):

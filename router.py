@@ -9,6 +9,8 @@ loss that stops the router from collapsing onto a handful of experts.
 
 This file holds:
   - the recent-experts set R_t as a mask, and the reuse loss built on it;
+  - the Trust-KL anchor: a penalty on the KL between the tuned and the original router
+    distributions beyond a margin (one of train.py's two anchors);
   - two load-balance losses: Switch Transformer's (Fedus et al., 2021, eq. 4) over the whole
     batch, and DeepSeek's sequence-wise one (DeepSeek-V2 sec. 2.2.3 "expert-level balance loss";
     DeepSeek-V3 sec. 2.1.2 "complementary sequence-wise auxiliary loss");
@@ -156,6 +158,23 @@ def balance_loss(routing, num_experts, kind="sequence", reduce=None):
         losses = [sequence_balance_loss(r.indices, r.scores, num_experts) for r in routing]
     else:
         raise ValueError(f"kind must be 'sequence' or 'switch', got {kind!r}")
+    return torch.stack(losses).mean()
+
+
+def router_kl_loss(base_routing, routing, margin=0.0):
+    """Trust-KL anchor: how far the tuned routers' distributions moved from the original ones, beyond
+    a free margin: mean over tokens and MoE layers of max(0, KL(p_base || p_tuned) - margin).
+
+    p = `normalize_scores` of each routing's scores [B,T,E]; base_routing comes from the same tokens
+    with the original routers and carries no gradient. Inside the margin the router may move freely
+    (that is where reuse comes from); beyond it the penalty grows with the KL.
+    """
+    losses = []
+    for b, r in zip(base_routing, routing):
+        p = normalize_scores(b.scores.detach().float())  # (B, T, E)
+        log_q = torch.log(normalize_scores(r.scores.float()).clamp_min(torch.finfo(torch.float32).tiny))
+        kl = (p * (torch.log(p.clamp_min(torch.finfo(torch.float32).tiny)) - log_q)).sum(-1)  # (B, T)
+        losses.append((kl - margin).clamp_min(0).mean())
     return torch.stack(losses).mean()
 
 

@@ -5,17 +5,19 @@ from storage.
 
 What it teaches: only the routers (`gate.weight` of every MoE layer) are trained, with
 
-    loss = next-token loss + lambda * reuse loss + beta * balance loss
-           + gamma * KL(base model's next-token distribution || tuned model's)
+    loss = next-token loss + lambda * reuse loss + beta * balance loss + gamma * anchor
 
 - the reuse loss (router.py) moves router probability onto the experts of the previous w tokens;
 - the balance loss is switch-style over the whole batch (Fedus et al. 2021): reuse asks consecutive
   tokens of one sequence to share experts, which DeepSeek's per-sequence loss directly penalises,
   while a batch-level loss only asks that different sequences spread over all experts;
-- the anchor is a distillation (Hinton et al. 2015) to the base model's *output*, not a KL to the base
-  router's distribution: reuse can only rise if routing changes, and a router anchor penalises exactly
-  that change. The base model is this network with the original router weights copied in for one
-  no-grad forward per step, so it costs no second model in memory;
+- the anchor keeps the tuned model near the base model, in one of two ways (--anchor): "distill",
+  KL(base model's next-token distribution || tuned model's), a distillation (Hinton et al. 2015) that
+  constrains the predictions and leaves the routers free to pick other experts that predict as well;
+  or "router-kl", the paper's Trust-KL: KL(base router's distribution || tuned router's) per token
+  and layer, penalised only beyond a margin (--kl-margin), a trust region around the original
+  routing. Both need the base model on the same tokens: this network with the original router
+  weights copied in for one no-grad forward per step, so no second model is held in memory;
 - three stages: (1) reuse-aware; (2) balance, beta x 4 while reuse is still rewarded; (3) calibration
   on held-out text with lambda annealed to 0, so quality recovers.
 The tuned model is the base checkpoint with only its router tensors replaced: same architecture, same
@@ -73,15 +75,24 @@ def router_parameters(model):
 
 
 @torch.no_grad()
-def teacher_logits(model, gates, base_weights, inputs):
-    """The base model's logits: the same network with the original router weights copied in."""
+def base_model_pass(model, gates, base_weights, inputs):
+    """The base model's (logits, routing) on `inputs`: the same network with the original router
+    weights copied in for one forward pass."""
     tuned = [g.weight.detach().clone() for g in gates]
     for g, w in zip(gates, base_weights):
         g.weight.copy_(w)
-    logits = model(inputs)
+    logits, routing = model(inputs, return_routing=True)
     for g, w in zip(gates, tuned):
         g.weight.copy_(w)
-    return logits
+    return logits, routing
+
+
+def anchor_loss(args, logits, routing, base_logits, base_routing):
+    """The anchor that holds the tuned model near the base model (see the docstring at the top)."""
+    if args.anchor == "distill":
+        return F.kl_div(F.log_softmax(logits.float(), -1), F.log_softmax(base_logits.float(), -1),
+                        log_target=True, reduction="none").sum(-1).mean()
+    return router.router_kl_loss(base_routing, routing, args.kl_margin)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -119,7 +130,8 @@ def remoe_key(args, base_id, corpus, compute, world):
             "--device": compute, "processes (torchrun)": world, "--fsdp": args.fsdp,
             "--reuse-weight": args.reuse_weight, "--window": args.window, "--balance": args.balance,
             "--balance-weight": args.balance_weight, "--balance-boost": args.balance_boost,
-            "--distill-weight": args.distill_weight, "--lr": args.lr, "--stage-steps": list(args.stage_steps),
+            "--anchor": args.anchor, "--anchor-weight": args.anchor_weight,
+            "--kl-margin": args.kl_margin if args.anchor == "router-kl" else None, "--lr": args.lr, "--stage-steps": list(args.stage_steps),
             "--calib-split": args.calib_split, "--batch-size": args.batch_size, "--seq-len": args.seq_len,
             "--eval-windows": args.eval_windows, "--seed": args.seed}
 
@@ -177,16 +189,15 @@ def finetune(args, model, data, out_dir, *, procs, key, started):
                 batch = batch[procs.rank * per_rank:(procs.rank + 1) * per_rank].to(device)  # (B/world, T+1): this rank's share
                 inputs, targets = batch[:, :-1], batch[:, 1:]
                 lam = lam_at(step / max(1, steps))
-                teacher = teacher_logits(model, gates, base_weights, inputs) if args.distill_weight else None
+                # the base model's pass first: it swaps router weights in place, which the tuned pass's graph may not see
+                base_pass = base_model_pass(model, gates, base_weights, inputs) if args.anchor_weight else None
                 logits, routing = procs.model(inputs, return_routing=True)
                 lm = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
                 reuse = router.reuse_loss(routing, window=args.window)
                 bal = router.balance_loss(routing, E, kind=args.balance, reduce=reduce)
                 loss = lm + lam * reuse + beta * bal
-                if teacher is not None:
-                    kl = F.kl_div(F.log_softmax(logits.float(), -1), F.log_softmax(teacher.float(), -1),
-                                  log_target=True, reduction="none").sum(-1).mean()
-                    loss = loss + args.distill_weight * kl
+                if base_pass is not None:
+                    loss = loss + args.anchor_weight * anchor_loss(args, logits, routing, *base_pass)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -362,12 +373,16 @@ def print_summary(s):
           f"LRU hit @{s['lru_cache']} {s['lru_hit_base']:.3f} -> {s['lru_hit_tuned']:.3f}")
 
 
+def sweep_dir(out, anchor, lam):
+    """Where --sweep puts the run of one reuse weight (bench.py finds them there for its Pareto front)."""
+    return Path(out) / "sweep" / f"{anchor}-lambda{lam:g}"
+
+
 def sweep(args):
     """--sweep: fine-tune once per reuse weight and print reuse vs quality side by side."""
     rows = []
-    root = Path(args.out)
     for lam in args.sweep:
-        sub = argparse.Namespace(**{**vars(args), "reuse_weight": lam, "out": str(root / f"sweep-lambda{lam:g}")})
+        sub = argparse.Namespace(**{**vars(args), "reuse_weight": lam, "out": str(sweep_dir(args.out, args.anchor, lam))})
         rows.append((lam, run_remoe(sub)))
     if rows[0][1] is None:  # not the first process
         return
@@ -403,17 +418,22 @@ def parse_args(argv=None):
                         "inside a sequence (default: %(default)s)")
     g.add_argument("--balance-boost", type=float, default=4.0, help="beta multiplier in stage 2, balance "
                                                                     "(default: %(default)s)")
-    g.add_argument("--distill-weight", type=float, default=1.0,
-                   help="gamma: weight of the KL to the base model's next-token distribution, 0 disables "
-                        "(default: %(default)s)")
+    g.add_argument("--anchor", choices=("distill", "router-kl"), default="distill",
+                   help="what holds the tuned model near the base: the KL to the base model's next-token distribution "
+                        "(distill), or the KL to the base routers' distributions beyond --kl-margin (router-kl, the "
+                        "paper's Trust-KL) (default: %(default)s)")
+    g.add_argument("--anchor-weight", type=float, default=1.0, help="gamma: weight of the anchor, 0 disables "
+                                                                    "(default: %(default)s)")
+    g.add_argument("--kl-margin", type=float, default=0.1,
+                   help="router-kl: KL (nats, per token and layer) the routers may move for free (default: %(default)s)")
     g.add_argument("--lr", type=float, default=2e-3, help="router learning rate, AdamW (default: %(default)s)")
     g.add_argument("--stage-steps", default="60,15,25",
                    help="steps of stages 1 (reuse-aware), 2 (balance), 3 (calibration) (default: %(default)s)")
     g.add_argument("--calib-split", choices=("train", "val"), default="val",
                    help="split the calibration stage trains on (default: %(default)s)")
     g.add_argument("--sweep", default=None,
-                   help="comma-separated reuse weights: fine-tune once per weight into OUT/sweep-lambdaX and print a "
-                        "table (default: one run)")
+                   help="comma-separated reuse weights: fine-tune once per weight into OUT/sweep/ANCHOR-lambdaX and "
+                        "print a table (default: one run)")
     g.add_argument("--fsdp", action="store_true", help="shard the frozen model with FSDP2 (under torchrun)")
     base.add_flags(p)
     args = p.parse_args(argv)
@@ -444,7 +464,8 @@ def prepare_flags(args):
     if args.sweep is not None:
         args.sweep = numbers(args.sweep, float, "--sweep")
     for flag, value in (("--reuse-weight", args.reuse_weight), ("--balance-weight", args.balance_weight),
-                        ("--balance-boost", args.balance_boost), ("--distill-weight", args.distill_weight)):
+                        ("--balance-boost", args.balance_boost), ("--anchor-weight", args.anchor_weight),
+                        ("--kl-margin", args.kl_margin)):
         if not value >= 0:
             raise UserError(f"{flag} must be >= 0, got {value}")
     if args.window < 1:

@@ -256,6 +256,41 @@ def test_balance_losses_have_gradient():
 
 
 # ----------------------------------------------------------------------------
+# the Trust-KL anchor
+
+
+@pytest.mark.parametrize("score_func", ["softmax", "sigmoid"])
+@pytest.mark.parametrize("margin", [0.0, 0.05])
+def test_router_kl_loss_matches_loop(score_func, margin):
+    base = random_layers(3, score_func=score_func)
+    tuned = random_layers(4, score_func=score_func)
+    per_layer = []
+    for b, t in zip(base, tuned):
+        terms = []
+        for pb, pt in zip(b.scores.reshape(-1, 8).tolist(), t.scores.reshape(-1, 8).tolist()):
+            p = [x / sum(pb) for x in pb]
+            q = [x / sum(pt) for x in pt]
+            kl = sum(pi * (math.log(pi) - math.log(qi)) for pi, qi in zip(p, q))
+            terms.append(max(0.0, kl - margin))
+        per_layer.append(sum(terms) / len(terms))
+    assert_close(router.router_kl_loss(base, tuned, margin), sum(per_layer) / len(per_layer), 1e-5)
+
+
+def test_router_kl_loss_is_free_inside_the_margin_and_pulls_back_beyond_it():
+    """Worked by hand, E = 2: p_base = (0.5, 0.5), p_tuned = (0.8, 0.2): KL = 0.5 ln(0.5/0.8) + 0.5 ln(0.5/0.2)
+    = 0.5 ln(0.625 x 2.5) = 0.5 ln 1.5625 = 0.22314. Margin 0.3: no penalty; margin 0.1: 0.12314, and its
+    gradient moves the tuned logits back toward the base distribution."""
+    base = [Routing(0, torch.zeros(1, 1, 1, dtype=torch.long), None, torch.tensor([[[0.5, 0.5]]]))]
+    logits = torch.log(torch.tensor([[[0.8, 0.2]]])).requires_grad_(True)
+    tuned = [Routing(0, torch.zeros(1, 1, 1, dtype=torch.long), None, logits.softmax(-1))]
+    assert router.router_kl_loss(base, tuned, 0.3).item() == 0.0
+    loss = router.router_kl_loss(base, tuned, 0.1)
+    assert loss.item() == pytest.approx(0.5 * math.log(1.5625) - 0.1, abs=1e-6)
+    loss.backward()
+    assert logits.grad[0, 0, 0] > 0 > logits.grad[0, 0, 1]  # descent lowers expert 0, raises expert 1
+
+
+# ----------------------------------------------------------------------------
 # balance: uniform gives 1, collapse gives more
 
 

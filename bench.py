@@ -6,18 +6,20 @@ could do instead?
 What it teaches: how to measure an expert-cache optimisation so that the numbers can be trusted.
 Both models, the base MoE and its ReMoE-tuned twin (same weights, new routers), are measured on the
 same held-out windows in the same process, and every comparison is a ratio taken side by side:
-  - quality: test perplexity of each model from one teacher-forced pass, and how often the tuned
-    model's top-1 prediction equals the base model's;
+  - quality: test perplexity of each model from one teacher-forced pass, how often the tuned model's
+    top-1 prediction equals the base model's, and the certificate that the testbed can fail a routing
+    method (perplexity with random routers, and with the routed experts off: base.ablations);
   - reuse: the share of a token's experts that the previous w tokens already used (w = 1, 2, 4),
     per MoE layer and overall (router.reuse_rate);
   - cache study: the routing of those windows replayed through per-layer caches of every size from
     top-k to all experts, under LRU, LFU and Belady's offline optimum (cache.simulate);
-  - cache-aware routing: the training-free alternative (offload_infer.route: a bonus on the router
-    scores of cached experts). Its routing depends on the cache, so it cannot be replayed from a
-    trace: it is measured by teacher-forced decoding token by token through the offload engine,
-    which gives its hit rate and, from the same logits, its perplexity;
-  - decode: real offloaded decoding (O_DIRECT reads) of base and tuned, interleaved, at several
-    cache sizes: time per token, expert loads and MB read per token, and the speedup;
+  - the Pareto front that decides whether ReMoE is worth it: hit rate at a cache of 2 x top-k against
+    perplexity, for ReMoE's lambda sweep, training-free cache-aware routing (a bonus on the router
+    scores of cached experts, measured token by token through the offload engine), both combined,
+    and the lambda = 0 control with and without cache-aware routing, with a verdict per perplexity budget;
+  - decode: real offloaded decoding (O_DIRECT reads) of the same held-out windows by every contender
+    (teacher forcing), contenders interleaved, time per token with its 95% interval, loads and MB per
+    token, and the speedup with its interval;
   - peers: remoe's all-resident decoding against transformers' `generate` on the same checkpoint.
 Every figure goes to results.json; results.md and the plots are drawn from that dictionary only.
 
@@ -47,6 +49,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+import base
 import cache
 import model
 import offload_infer as oi
@@ -75,13 +78,14 @@ class Settings:
     # cache study: capacities as multiples of top-k, capped at E, plus E itself
     capacities: list | None = None
     capacity_multiples: tuple = (1, 1.5, 2, 3, 4, 6, 8)
-    # cache-aware routing: a bonus on cached experts' router scores (probabilities under softmax), measured
-    # sequentially. Two strengths: 0.01 tips the close calls between the K-th and next experts; 0.05, about a
-    # top choice's whole score among 32 experts, lets cached experts win almost every time.
-    cache_bias: tuple = (0.01, 0.05)
-    car_windows: int = 4
-    car_capacities: list | None = None
-    car_multiples: tuple = (1, 2, 4)
+    # the Pareto front at a cache of 2 x top-k, on the first `pareto_windows` windows: ReMoE's lambda sweep
+    # (`python train.py --sweep ...` writes it to SWEEP/ANCHOR-lambdaX/remoe), training-free cache-aware routing
+    # (a bonus on cached experts' router scores, i.e. probabilities under softmax, measured sequentially), both
+    # combined, and the lambda = 0 control with and without it. Biases from 0.005, which tips only the close
+    # calls between the K-th and the next expert, to 0.1, more than a top choice's whole score among 32 experts
+    sweep: str = str(model.DEFAULT_RUN / "sweep")
+    cache_bias: tuple = (0.005, 0.01, 0.02, 0.05, 0.1)
+    pareto_windows: int = 8
     # decode: offloaded decoding of the same held-out windows by every contender (teacher forcing)
     decode_capacities: list | None = None
     decode_multiples: tuple = (1, 2, 4)
@@ -98,7 +102,7 @@ class Settings:
 
 # --quick also pins one CPU thread: with two, OpenMP threads of a small model spin-wait on each other
 # whenever the machine is shared (measured here: 4.5 minutes instead of 45 s for the default model)
-QUICK = dict(windows=8, capacity_multiples=(1, 2, 4), car_windows=2, car_multiples=(2,),
+QUICK = dict(windows=8, capacity_multiples=(1, 2, 4), pareto_windows=2, cache_bias=(0.05,),
              decode_multiples=(2,), decode_windows=3, decode_tokens=16, repeats=2, threads=1)
 
 
@@ -143,8 +147,8 @@ def check_settings(s, cfg, caps):
         raise UserError(f"--seq-len must be between 2 and the model's context of {ctx}, got {s.seq_len}")
     if s.windows < 1 or s.batch_size < 1 or s.repeats < 1 or s.decode_windows < 1:
         raise UserError("--windows, --batch-size, --repeats and --decode-windows must be >= 1")
-    if not 1 <= s.car_windows <= s.windows:
-        raise UserError(f"--car-windows must be between 1 and --windows ({s.windows}), got {s.car_windows}")
+    if not 1 <= s.pareto_windows <= s.windows:
+        raise UserError(f"--pareto-windows must be between 1 and --windows ({s.windows}), got {s.pareto_windows}")
     if any(not b > 0 for b in s.cache_bias):
         raise UserError(f"--cache-bias values must be > 0 (0 is plain routing), got {list(s.cache_bias)}")
     if s.decode_tokens < 2 or s.prompt_tokens < 1:
@@ -257,21 +261,26 @@ def cache_study(indices, capacities, tick):
 
 
 # ----------------------------------------------------------------------------------------------
-# Cache-aware routing: teacher-forced decoding one token per step through the offload engine, with
-# `cache_bias` added to the router scores of the experts each layer holds. The cache state steers
-# routing, so hit rate and perplexity both come from this sequential run.
+# The Pareto front: what ReMoE buys, against what cache-aware routing gives without training. Every
+# point is one model and one routing rule on the same windows: its LRU hit rate at a cache of 2 x top-k
+# (x) and its perplexity (y). Cache-aware routing depends on the cache, so its routing cannot be
+# replayed from a trace: it is measured by teacher-forced decoding one token per step through the
+# offload engine, which gives its hit rate and, from the same logits, its perplexity.
 
-CAR_METHOD = ("cache-aware routing adds `bias` to the router scores of the experts a layer's cache holds before the "
-              "top-k (model.Gate's bonus; combine weights stay the unbiased scores); measured by teacher-forced "
-              "decoding one token per step through OffloadEngine (LRU, each window starting cold) on the first "
-              "windows; perplexity from those logits. Rows with bias 0 replay the plain models' routing of the same "
-              "windows")
+PARETO_METHOD = ("one point per model and routing rule on the same first windows: hit rate of an LRU cache of the "
+                 "stated size per MoE layer, cold at each window, and perplexity. Plain routing: the model's batched "
+                 "pass, its routing replayed by cache.simulate. Cache-aware routing adds `bias` to the router scores "
+                 "of the experts the layer's cache holds before the top-k (model.Gate's bonus; the combine weights "
+                 "stay the unbiased scores), measured by teacher-forced decoding one token per step through "
+                 "OffloadEngine. The lambda = 0 control is the same ReMoE pipeline without the reuse loss: router "
+                 "fine-tuning alone changes perplexity, so equal perplexity is judged against it")
+BUDGETS = (0.0, 0.005, 0.01, 0.02, 0.05)  # perplexity allowed above the base model's, for the verdict
 
 
 @torch.no_grad()
 def cache_aware(path, windows, capacity, bias, device, dtype):
-    """Hit rate, loads per token, perplexity and top-1 of one model on `windows` (N, T+1), and its
-    routing as (N, T, L, K)."""
+    """One cache-aware point of a model on `windows` (N, T+1): hit rate, loads per token, perplexity;
+    its top-1 predictions (N, T) and its routing (N, T, L, K)."""
     opts = oi.OffloadConfig(cache=capacity, policy="lru", cache_bias=bias, device=str(device), dtype=dtype)
     engine = oi.OffloadEngine(path, opts)
     nll, top1 = 0.0, []
@@ -289,20 +298,56 @@ def cache_aware(path, windows, capacity, bias, device, dtype):
     N, T = windows.shape[0], windows.shape[1] - 1
     # each step's routing holds, per MoE layer, the one token's K ids
     trace = torch.tensor([[layer[0] for layer in step] for step in engine.record.trace()])  # (N*T, L, K)
-    row = {"capacity": capacity, "bias": bias, "hit_rate": tot.hit_rate, "loads_per_token": tot.loads_per_token,
-           "perplexity": perplexity(nll, N * T)}
-    return row, torch.tensor(top1).view(N, T), trace.view(N, T, *trace.shape[1:])
+    point = {"bias": bias, "hit_rate": tot.hit_rate, "loads_per_token": tot.loads_per_token,
+             "perplexity": perplexity(nll, N * T)}
+    return point, torch.tensor(top1).view(N, T), trace.view(N, T, *trace.shape[1:])
 
 
-def plain_rows(p, n, capacities):
-    """The same figures for a plain model on its first n windows, from the batched pass and LRU replay."""
-    traces = cache.token_traces([idx[:n] for idx in p.indices])
-    T = p.top1.shape[1]
+def plain_point(p, capacity, base_top1):
+    """The same figures for a model's plain routing, from its batched pass p (TeacherForced) and LRU replay."""
+    r = cache.simulate(cache.token_traces(p.indices), "lru", capacity)
+    return {"bias": 0.0, "hit_rate": r.hit_rate, "loads_per_token": r.misses_per_token,
+            "perplexity": perplexity(p.nll.sum().item(), p.top1.numel()),
+            "top1_agreement_with_base": (p.top1 == base_top1).double().mean().item()}
+
+
+def anchor_of(tuned):
+    """The anchor train.py tuned a model with (from its results.json), so its control is the same pipeline."""
+    f = Path(tuned) / "results.json"
+    return json.loads(f.read_text()).get("settings", {}).get("anchor", "distill") if f.is_file() else "distill"
+
+
+def sweep_models(folder, base):
+    """The tuned models `python train.py --sweep` left under `folder` (ANCHOR-lambdaX/remoe), each checked
+    to be a twin of the base model: [{"path", "anchor", "lambda"}], ordered by anchor and lambda."""
+    found = []
+    for results in Path(folder).glob("*/remoe/results.json"):
+        settings = json.loads(results.read_text()).get("settings", {})
+        check_pair(base, results.parent)
+        found.append({"path": str(results.parent), "anchor": settings.get("anchor", "distill"),
+                      "lambda": float(settings.get("reuse_weight", math.nan))})
+    return sorted(found, key=lambda m: (m["anchor"], m["lambda"]))
+
+
+def pareto_front(points):
+    """The points that no other point beats on both axes (a hit rate at least as high and a perplexity at
+    least as low, one of them strictly), by hit rate."""
+    def beaten(p):
+        return any(q["hit_rate"] >= p["hit_rate"] and q["perplexity"] <= p["perplexity"]
+                   and (q["hit_rate"] > p["hit_rate"] or q["perplexity"] < p["perplexity"]) for q in points)
+    return sorted((p for p in points if not beaten(p)), key=lambda p: p["hit_rate"])
+
+
+def verdict(families, base_ppl):
+    """For each perplexity budget (base perplexity x (1 + b)): the best hit rate each family reaches
+    within it (None where none of its points does), and the family that reaches the highest."""
     rows = []
-    for c in capacities:
-        r = cache.simulate(traces, "lru", c)
-        rows.append({"capacity": c, "bias": 0.0, "hit_rate": r.hit_rate, "loads_per_token": r.misses_per_token,
-                     "perplexity": perplexity(p.nll[:n].sum().item(), n * T)})
+    for b in BUDGETS:
+        limit = base_ppl * (1 + b)
+        best = {name: max((p["hit_rate"] for p in pts if p["perplexity"] <= limit), default=None)
+                for name, pts in families.items()}
+        reached = {name: h for name, h in best.items() if h is not None}
+        rows.append({"budget": b, "best_hit_rate": best, "winner": max(reached, key=reached.get) if reached else None})
     return rows
 
 
@@ -420,9 +465,9 @@ def run(s, log=print):
     cfg = check_pair(s.base, s.tuned)
     K, E = cfg.num_experts_per_tok, cfg.n_routed_experts
     caps = s.capacities or capacity_grid(s.capacity_multiples, K, E, with_all=True)
-    car_caps = s.car_capacities or capacity_grid(s.car_multiples, K, E)
     dec_caps = s.decode_capacities or capacity_grid(s.decode_multiples, K, E)
-    check_settings(s, cfg, caps + car_caps + dec_caps)
+    check_settings(s, cfg, caps + dec_caps)
+    sweep = sweep_models(s.sweep, s.base)
     device, device_why = model.pick_device(s.device)
     # decided once for every section, by the engine's rule, so that the batched passes and the engine compute alike
     dtype, dtype_why = model.pick_dtype(device, model.stored_dtype(s.base))
@@ -441,18 +486,21 @@ def run(s, log=print):
                                "dtype_reason": dtype_why, "threads": torch.get_num_threads(),
                                "torch": torch.__version__}}
     traces = {}
-    progress = Progress(2 + 2 * len(cache.POLICIES) * len(caps) + 2 * len(s.cache_bias) * len(car_caps)
-                        + len(dec_caps) + s.peers)
+    control = next((m for m in sweep if m["lambda"] == 0 and m["anchor"] == anchor_of(s.tuned)), None)
+    progress = Progress(2 + 2 * len(cache.POLICIES) * len(caps) + len(sweep)
+                        + len(s.cache_bias) * (2 + (control is not None)) + len(dec_caps) + s.peers)
 
     progress.section("quality")
-    passes = {}
+    passes, certificate = {}, {}
     for name, path in paths.items():
         net = model.load_model(path, device, dtype)
         passes[name] = teacher_forced(net, windows, s.batch_size)
+        certificate[name] = base.ablations(net, windows, batch_size=s.batch_size)
         del net  # one model in memory at a time
         traces[f"routing_{name}"] = torch.stack(passes[name].indices)  # (L, W, T, K)
         progress.tick()
     results["quality"] = quality(passes, T)
+    results["quality"]["ablations"] = certificate
 
     progress.section("reuse")
     results["reuse"] = reuse(passes, E)
@@ -461,22 +509,37 @@ def run(s, log=print):
     results["cache_study"] = {"method": CACHE_METHOD, "capacities": caps,
                               **{name: cache_study(p.indices, caps, progress.tick) for name, p in passes.items()}}
 
-    progress.section("cache-aware routing")
-    n, rows = s.car_windows, []
-    base_top1 = passes["base"].top1[:n]  # (N, T)
-    for name, p in passes.items():
-        agree = (p.top1[:n] == base_top1).double().mean().item()
-        rows += [{"model": name, **r, "top1_agreement_with_base": agree} for r in plain_rows(p, n, car_caps)]
-        for bias in s.cache_bias:
-            for c in car_caps:
-                r, top1, trace = cache_aware(paths[name], windows[:n], c, bias, device, dtype_name)
-                key = f"car_{len(rows)}"
-                traces[key] = trace.permute(2, 0, 1, 3)  # (N, T, L, K) -> (L, N, T, K), as the routing traces
-                rows.append({"model": name, **r, "trace": key,
-                             "top1_agreement_with_base": (top1 == base_top1).double().mean().item()})
-                progress.tick()
-    results["cache_aware"] = {"method": CAR_METHOD, "windows": n, "tokens": n * T, "policy": "lru",
-                              "biases": list(s.cache_bias), "capacities": car_caps, "rows": rows}
+    progress.section("pareto front")
+    capacity, n = min(2 * K, E), s.pareto_windows
+    first = {name: p._replace(indices=[idx[:n] for idx in p.indices], nll=p.nll[:n], top1=p.top1[:n])
+             for name, p in passes.items()}  # the batched passes, cut to the Pareto windows
+    families = {"base + cache-aware": [{"model": "base", **plain_point(first["base"], capacity, first["base"].top1)}],
+                "ReMoE + cache-aware": [{"model": "tuned", **plain_point(first["tuned"], capacity, first["base"].top1)}]}
+    runs = {"base + cache-aware": ("base", paths["base"]), "ReMoE + cache-aware": ("tuned", paths["tuned"])}
+    for m in sweep:
+        net = model.load_model(m["path"], device, dtype)
+        point = {"model": m["path"], "lambda": m["lambda"], "anchor": m["anchor"],
+                 **plain_point(teacher_forced(net, windows[:n], s.batch_size), capacity, first["base"].top1)}
+        del net
+        if m is control:
+            families["lambda=0 control + cache-aware"] = [point]
+            runs["lambda=0 control + cache-aware"] = (m["path"], Path(m["path"]))
+        elif m["lambda"] > 0:
+            families.setdefault(f"ReMoE lambda sweep ({m['anchor']})", []).append(point)
+        progress.tick()
+    for bias in s.cache_bias:
+        for family, (name, path) in runs.items():
+            point, top1, trace = cache_aware(path, windows[:n], capacity, bias, device, dtype_name)
+            key = f"pareto_{len(traces)}"
+            traces[key] = trace.permute(2, 0, 1, 3)  # (N, T, L, K) -> (L, N, T, K), as the routing traces
+            families[family].append({"model": name, **point, "trace": key,
+                                     "top1_agreement_with_base": (top1 == first["base"].top1).double().mean().item()})
+            progress.tick()
+    base_ppl = families["base + cache-aware"][0]["perplexity"]
+    results["pareto"] = {"method": PARETO_METHOD, "capacity": capacity, "windows": n, "tokens": n * T,
+                         "biases": list(s.cache_bias), "sweep": s.sweep, "families": families,
+                         "fronts": {name: pareto_front(pts) for name, pts in families.items()},
+                         "verdict": verdict(families, base_ppl), "base_perplexity": base_ppl}
 
     progress.section("decode")
     rows = []
@@ -511,22 +574,16 @@ LABEL = {"base": "base", "tuned": "ReMoE"}
 POLICY_NAME = {"lru": "LRU", "lfu": "LFU", "belady": "Belady"}
 
 
-def headline_capacity(r):
-    """The cache size the summary reports: 2 x top-k when measured, else the nearest measured one."""
-    target = 2 * r["model"]["num_experts_per_tok"]
-    return min(r["cache_aware"]["capacities"], key=lambda c: (abs(c - target), c))
-
-
 def md_summary(r):
-    car, c = r["cache_aware"], headline_capacity(r)
-    out = [f"## Summary: four contenders at a cache of {c} experts per MoE layer", "",
-           f"First {car['windows']} windows ({car['tokens']:,} tokens), LRU, cache-aware routing at biases "
-           f"{', '.join(f'{b:g}' for b in car['biases'])}: measured sequentially; the plain models: their routing "
-           f"replayed (methods below).", ""]
-    rows = [[LABEL[x["model"]] + (f" + cache-aware (bias {x['bias']:g})" if x["bias"] else ""),
-             f"{x['perplexity']:.3f}", f"{x['top1_agreement_with_base']:.3f}", f"{x['hit_rate']:.3f}",
-             f"{x['loads_per_token']:.2f}"] for x in car["rows"] if x["capacity"] == c]
-    out += table(["contender", "perplexity", "top-1 = base", "hit rate", "loads / token"], rows) + [""]
+    pa, c = r["pareto"], r["pareto"]["capacity"]
+    out = [f"## Summary: at a cache of {c} experts per MoE layer (2 x top-k)", "",
+           f"First {pa['windows']} test windows ({pa['tokens']:,} tokens), LRU, cold start per window. Perplexity "
+           f"budget above the base model's {pa['base_perplexity']:.3f}, and the best hit rate each approach reaches "
+           f"within it (methods below):", ""]
+    names = list(pa["families"])
+    rows = [[f"+{v['budget']:.1%}"] + [f"{v['best_hit_rate'][n]:.3f}" if v["best_hit_rate"][n] is not None else "-"
+                                      for n in names] + [v["winner"] or "-"] for v in pa["verdict"]]
+    out += table(["perplexity budget"] + names + ["highest hit rate"], rows) + [""]
     row = next((x for x in r["decode"]["rows"] if x["capacity"] == c), None)
     if row is not None:
         b, t = row["contenders"]["base"], row["contenders"]["tuned"]
@@ -543,8 +600,16 @@ def md_quality(r):
     rows = [[LABEL[m], f"{q[m]['loss']:.4f}", f"{q[m]['perplexity']:.3f}",
              f"{q[m]['perplexity'] / q['base']['perplexity']:.4f}x", f"{q[m]['top1_agreement_with_base']:.4f}"]
             for m in ("base", "tuned")]
+    a = q["ablations"]
+    cert = [[LABEL[m], f"{a[m]['learned']:.2f}", f"{a[m]['random_router']:.2f} ({a[m]['random_router_change']:+.0%})",
+             f"{a[m]['routed_experts_off']:.2f} ({a[m]['routed_experts_off_change']:+.0%})"] for m in ("base", "tuned")]
     return (["## Quality (all windows)", ""]
-            + table(["model", "test loss", "test perplexity", "vs base", "top-1 agreement with base"], rows) + [""])
+            + table(["model", "test loss", "test perplexity", "vs base", "top-1 agreement with base"], rows)
+            + ["", "The certificate that this testbed can fail a routing method: perplexity with the learned routers, "
+                   f"with random routers (each row a Gaussian of the learned row's norm, mean of "
+                   f"{len(a['base']['random_router_seeds'])} seeds), and with the routed experts switched off "
+                   "(shared experts, dense layers and attention kept).", ""]
+            + table(["model", "learned routers", "random routers", "routed experts off"], cert) + [""])
 
 
 def md_reuse(r):
@@ -571,15 +636,28 @@ def md_cache_study(r):
         header, rows) + [""]
 
 
-def md_cache_aware(r):
-    car = r["cache_aware"]
-    rows = [[x["capacity"], LABEL[x["model"]], f"{x['bias']:g}", f"{x['hit_rate']:.3f}", f"{x['loads_per_token']:.2f}",
-             f"{x['perplexity']:.3f}", f"{x['top1_agreement_with_base']:.3f}"]
-            for x in sorted(car["rows"], key=lambda x: (x["capacity"], x["model"], x["bias"]))]
-    return (["## Cache-aware routing: the inference-time alternative, alone and on top of ReMoE", "",
-             f"Method: {car['method']}.", ""]
-            + table(["capacity", "model", "bias", "hit rate", "loads / token", "perplexity", "top-1 = base"], rows)
-            + [""])
+def md_pareto(r):
+    pa = r["pareto"]
+    out = [f"## Pareto front: hit rate at {pa['capacity']} experts per layer against perplexity", "",
+           f"Method: {pa['method']}. First {pa['windows']} windows ({pa['tokens']:,} tokens); ReMoE sweep from "
+           f"`{pa['sweep']}`" + ("" if any("sweep" in f for f in pa["families"]) else
+                                 " (none found: `python train.py --sweep 0,0.05,0.1,0.2` makes it)") + ".", ""]
+    rows = []
+    for family, pts in pa["families"].items():
+        for p in sorted(pts, key=lambda p: p["hit_rate"]):
+            label = (f"lambda {p['lambda']:g}" if "lambda" in p and p["bias"] == 0 else "") + \
+                    (f"bias {p['bias']:g}" if p["bias"] else ("" if "lambda" in p else "plain routing"))
+            rows.append([family, label, f"{p['hit_rate']:.3f}", f"{p['loads_per_token']:.2f}", f"{p['perplexity']:.3f}",
+                         f"{p['perplexity'] / pa['base_perplexity'] - 1:+.2%}", f"{p['top1_agreement_with_base']:.3f}",
+                         "yes" if p in pa["fronts"][family] else ""])
+    out += table(["approach", "point", "hit rate", "loads / token", "perplexity", "vs base", "top-1 = base",
+                  "on its front"], rows) + [""]
+    for v in pa["verdict"]:
+        reached = {n: h for n, h in v["best_hit_rate"].items() if h is not None}
+        ranking = ", ".join(f"{n} {h:.3f}" for n, h in sorted(reached.items(), key=lambda kv: -kv[1]))
+        out.append(f"- within +{v['budget']:.1%} perplexity of the base model: "
+                   + (f"**{v['winner']}** reaches the highest hit rate ({ranking})" if v["winner"] else "no point"))
+    return out + [""]
 
 
 def md_decode(r):
@@ -620,7 +698,7 @@ def markdown(r):
            f"top-{m['num_experts_per_tok']}. Held-out text: test split of {d['source']} ({d['test_tokens']:,} "
            f"tokens), {d['windows']} windows x {d['seq_len']} tokens. {env['device']}, {env['dtype']}, "
            f"{env['threads']} CPU thread(s), torch {env['torch']}; measured in {r['wall_seconds']:.0f} s.", ""]
-    for section in (md_summary, md_quality, md_reuse, md_cache_study, md_cache_aware, md_decode, md_peers):
+    for section in (md_summary, md_quality, md_reuse, md_cache_study, md_pareto, md_decode, md_peers):
         out += section(r)
     return "\n".join(out)
 
@@ -630,23 +708,33 @@ COLOR = {"lru": "tab:blue", "lfu": "tab:green", "belady": "black"}
 
 
 def plot_hit_rate(r, fig):
-    """Hit rate against capacity: each policy for both models, Belady's optimum as the ceiling, and the
-    cache-aware runs as single points labelled with their bias."""
+    """Hit rate against capacity: each policy for both models, Belady's optimum as the ceiling."""
     ax, cs = fig.subplots(), r["cache_study"]
     for pol in cache.POLICIES:
         for m in ("base", "tuned"):
             ax.plot(cs["capacities"], [x["hit_rate"] for x in cs[m][pol]], STYLE[m], color=COLOR[pol], marker="o",
                     ms=3, label=f"{POLICY_NAME[pol]}{' (optimum for this routing)' * (pol == 'belady')} {LABEL[m]}")
-    marker = {"base": "x", "tuned": "+"}
-    for row in r["cache_aware"]["rows"]:
-        if row["bias"]:
-            ax.plot([row["capacity"]], [row["hit_rate"]], marker[row["model"]], color="tab:red", ms=8)
-            ax.annotate(f"{row['bias']:g}", (row["capacity"], row["hit_rate"]), xytext=(5, -3),
-                        textcoords="offset points", fontsize=6, color="tab:red")
-    for m in ("base", "tuned"):
-        ax.plot([], [], marker[m], color="tab:red", label=f"{LABEL[m]} + cache-aware, LRU (bias)")
     ax.set(xlabel="experts cached per MoE layer", ylabel="hit rate", ylim=(0, 1.02), xticks=cs["capacities"],
            title="Expert-cache hit rate (cold start per window)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+
+
+def plot_pareto(r, fig):
+    """Perplexity against hit rate: every approach's points, its front drawn as a line."""
+    ax, pa = fig.subplots(), r["pareto"]
+    for i, (family, pts) in enumerate(pa["families"].items()):
+        color = f"C{i}"
+        ax.plot([p["hit_rate"] for p in pts], [p["perplexity"] for p in pts], "o", color=color, ms=4, alpha=0.6)
+        front = pa["fronts"][family]
+        ax.plot([p["hit_rate"] for p in front], [p["perplexity"] for p in front], "-", color=color, label=family)
+        for p in pts:
+            text = f"b{p['bias']:g}" if p["bias"] else (f"λ{p['lambda']:g}" if "lambda" in p else "plain")
+            ax.annotate(text, (p["hit_rate"], p["perplexity"]), xytext=(3, 3), textcoords="offset points",
+                        fontsize=6, color=color)
+    ax.axhline(pa["base_perplexity"], color="grey", lw=0.8, ls=":")
+    ax.set(xlabel=f"LRU hit rate, {pa['capacity']} experts per MoE layer", ylabel="perplexity (lower is better)",
+           title="What each approach buys: hit rate against perplexity")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
 
@@ -686,7 +774,8 @@ def plots(r, out_dir):
     from matplotlib.figure import Figure
 
     written = []
-    for name, draw, size in (("hit_rate.png", plot_hit_rate, (7, 4.5)), ("decode_time.png", plot_decode_time, (6, 4)),
+    for name, draw, size in (("hit_rate.png", plot_hit_rate, (7, 4.5)), ("pareto.png", plot_pareto, (7, 5)),
+                             ("decode_time.png", plot_decode_time, (6, 4)),
                              ("reuse_per_layer.png", plot_reuse, (4 * len(r["reuse"]["windows"]), 3.5))):
         fig = Figure(figsize=size)
         draw(r, fig)
@@ -746,12 +835,14 @@ def parse_args(argv=None):
     g.add_argument("--batch-size", type=int, help=f"windows per forward pass {default('batch_size')}")
     g.add_argument("--capacities", type=int, nargs="+", help="experts cached per MoE layer in the cache study "
                                                              + grid("capacity_multiples", ", and all experts"))
-    g = p.add_argument_group("cache-aware routing")
+    g = p.add_argument_group("Pareto front (hit rate at 2 x top-k against perplexity)")
+    g.add_argument("--sweep", help=f"folder of `python train.py --sweep` runs, ANCHOR-lambdaX/remoe: ReMoE's front and "
+                                   f"the lambda = 0 control {default('sweep')}")
     g.add_argument("--cache-bias", type=float, nargs="+",
-                   help=f"bonus on cached experts' router scores; each value is measured {default('cache_bias')}")
-    g.add_argument("--car-windows", type=int, help=f"windows decoded token by token {default('car_windows')}")
-    g.add_argument("--car-capacities", type=int, nargs="+", help="per-layer capacities for cache-aware routing "
-                                                                 + grid("car_multiples"))
+                   help=f"cache-aware routing: bonus on cached experts' router scores, each value measured "
+                        f"{default('cache_bias')}")
+    g.add_argument("--pareto-windows", type=int, help=f"first test windows of the front, decoded token by token for "
+                                                      f"cache-aware routing {default('pareto_windows')}")
     g = p.add_argument_group("decode")
     g.add_argument("--decode-capacities", type=int, nargs="+", help="per-layer capacities for offloaded decoding "
                                                                     + grid("decode_multiples"))

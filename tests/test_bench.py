@@ -6,6 +6,7 @@ decode loop (model.py's modules and Gate bonus, a brute-force LRU list) instead 
 engine, decoded tokens by model.generate. Bad input must end in one `error:` line and exit code 2.
 """
 import contextlib
+import copy
 import importlib.util
 import io
 import json
@@ -43,12 +44,14 @@ def pair(corpus, base_run, tmp_path_factory):
     shutil.copytree(base_run / "base", out / "base")
     with contextlib.redirect_stdout(io.StringIO()):
         train.main(finetune_args(corpus, out))
-    return {"corpus": corpus, "base": out / "base", "tuned": out / "remoe", "data_dir": out / "data", "root": out}
+        train.main(finetune_args(corpus, out, "--stage-steps", "2,0,0", "--sweep", "0,1"))  # the control and a front
+    return {"corpus": corpus, "base": out / "base", "tuned": out / "remoe", "data_dir": out / "data", "root": out,
+            "sweep": out / "sweep"}
 
 
 def pair_args(pair):
     return ["--base", str(pair["base"]), "--tuned", str(pair["tuned"]), "--data", str(pair["corpus"]),
-            "--data-dir", str(pair["data_dir"])]
+            "--data-dir", str(pair["data_dir"]), "--sweep", str(pair["sweep"])]
 
 
 @pytest.fixture(scope="module")
@@ -107,15 +110,15 @@ def test_quick_run_writes_every_output(run):
     out, r = run["out"], run["results"]
     md = (out / "results.md").read_text()
     assert run["printed"].strip() == md.strip()
-    for heading in ("## Summary", "## Quality", "## Reuse", "## Cache study", "## Cache-aware routing", "## Decode",
+    for heading in ("## Summary", "## Quality", "## Reuse", "## Cache study", "## Pareto front", "## Decode",
                     "## Peers"):
         assert heading in md
     assert "cold start" in md or "starts with empty caches" in md  # the cache study states its method
-    assert len(r["files"]["plots"]) == 3
-    for name in ("hit_rate.png", "decode_time.png", "reuse_per_layer.png"):
+    assert len(r["files"]["plots"]) == 4
+    for name in ("hit_rate.png", "pareto.png", "decode_time.png", "reuse_per_layer.png"):
         data = (out / name).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 2000, name
-    assert not [f for f in out.iterdir() if f.name.endswith(".tmp")]  # atomic writes leave no temp files
+    assert not [f for f in out.iterdir() if f.name.startswith(".")]  # atomic writes leave no temp files
     assert r["settings"]["quick"] and r["data"]["windows"] == WINDOWS and r["data"]["seq_len"] == SEQ_LEN
 
 
@@ -200,36 +203,70 @@ def resident_cache_aware(net, windows, capacity, bias):
     return hits / requests, math.exp(nll / tokens), torch.tensor(top1).view(windows.shape[0], -1)
 
 
-def test_cache_aware_routing_against_a_resident_loop(run, truth):
-    car = run["results"]["cache_aware"]
-    n = car["windows"]
+def test_certificate_against_edited_models(run, truth):
+    """The quality section's ablations: the learned perplexity is the model's own, and switching the
+    routed experts off equals zeroing every routed expert's down projection in a copy of the model."""
+    a = run["results"]["quality"]["ablations"]
+    windows = truth["windows"]
+    for name in ("base", "tuned"):
+        net = truth[name]["net"]
+        assert a[name]["learned"] == pytest.approx(run["results"]["quality"][name]["perplexity"], rel=1e-6)
+        zeroed = copy.deepcopy(net)
+        with torch.no_grad():
+            for key, p in zeroed.named_parameters():
+                if ".experts." in key and key.endswith("down_proj.weight"):
+                    p.zero_()
+            logits = zeroed(windows[:, :-1])
+        ppl = math.exp(F.cross_entropy(logits.flatten(0, 1), windows[:, 1:].flatten()).item())
+        assert a[name]["routed_experts_off"] == pytest.approx(ppl, rel=1e-5)
+
+
+def test_pareto_points_against_a_resident_loop(run, truth, pair):
+    """Every point of the front recomputed: plain routing by brute-force LRU over model.py's routing,
+    cache-aware routing by a resident decode loop with a brute-force LRU list; fronts by brute force."""
+    pa = run["results"]["pareto"]
+    n, c = pa["windows"], pa["capacity"]
+    cfg = truth["base"]["net"].config
+    assert c == min(2 * cfg.num_experts_per_tok, cfg.n_routed_experts)
     windows = truth["windows"][:n]
     base_top1 = truth["base"]["logits"][:n].argmax(-1)
-    assert {row["bias"] for row in car["rows"]} == {0.0, *bench.Settings.cache_bias}
-    assert len(car["rows"]) == 2 * len(car["capacities"]) * (1 + len(bench.Settings.cache_bias))
-    for row in car["rows"]:
-        t = truth[row["model"]]
-        if row["bias"] == 0:  # the plain model: its batched routing replayed, its batched logits
-            indices = [idx[:n] for idx in t["indices"]]
-            assert row["hit_rate"] == pytest.approx(hit_rate(indices, row["capacity"]))
-            ce = F.cross_entropy(t["logits"][:n].flatten(0, 1), windows[:, 1:].flatten()).item()
-            assert row["perplexity"] == pytest.approx(math.exp(ce), rel=1e-5)
-            top1 = t["logits"][:n].argmax(-1)
-        else:
-            rate, ppl, top1 = resident_cache_aware(t["net"], windows, row["capacity"], row["bias"])
-            assert row["hit_rate"] == pytest.approx(rate), row
-            assert row["perplexity"] == pytest.approx(ppl, rel=1e-5), row
-            # the routing the engine recorded, replayed by brute force, gives its own hit rate
-            trace = torch.from_numpy(run["traces"][row["trace"]].astype(np.int64))  # (L, N, T, K)
-            assert hit_rate(list(trace), row["capacity"]) == pytest.approx(row["hit_rate"])
-        assert row["top1_agreement_with_base"] == pytest.approx((top1 == base_top1).double().mean().item())
-    # at the largest bonus, cache-aware routing hits at least as often as plain routing of the same model
-    top = max(bench.Settings.cache_bias)
-    for name in ("base", "tuned"):
-        for c in car["capacities"]:
-            plain = next(r for r in car["rows"] if (r["model"], r["capacity"], r["bias"]) == (name, c, 0.0))
-            biased = next(r for r in car["rows"] if (r["model"], r["capacity"], r["bias"]) == (name, c, top))
-            assert biased["hit_rate"] >= plain["hit_rate"]
+    assert set(pa["families"]) == {"base + cache-aware", "ReMoE + cache-aware", "lambda=0 control + cache-aware",
+                                   "ReMoE lambda sweep (distill)"}
+    nets = {"base": truth["base"]["net"], "tuned": truth["tuned"]["net"],
+            **{str(pair["sweep"] / d / "remoe"): model.load_model(pair["sweep"] / d / "remoe")
+               for d in ("distill-lambda0", "distill-lambda1")}}
+    for family, pts in pa["families"].items():
+        for p in pts:
+            net = nets[p["model"]]
+            if p["bias"] == 0:
+                with torch.no_grad():
+                    logits, routing = net(windows[:, :-1], return_routing=True)
+                assert p["hit_rate"] == pytest.approx(hit_rate([r.indices for r in routing], c))
+                ce = F.cross_entropy(logits.flatten(0, 1), windows[:, 1:].flatten()).item()
+                assert p["perplexity"] == pytest.approx(math.exp(ce), rel=1e-5)
+                top1 = logits.argmax(-1)
+            else:
+                rate, ppl, top1 = resident_cache_aware(net, windows, c, p["bias"])
+                assert p["hit_rate"] == pytest.approx(rate), (family, p)
+                assert p["perplexity"] == pytest.approx(ppl, rel=1e-5), (family, p)
+                trace = torch.from_numpy(run["traces"][p["trace"]].astype(np.int64))  # (L, N, T, K)
+                assert hit_rate(list(trace), c) == pytest.approx(p["hit_rate"])
+            assert p["top1_agreement_with_base"] == pytest.approx((top1 == base_top1).double().mean().item())
+        # the front by brute force: no point has both a higher-or-equal hit rate and a lower-or-equal perplexity
+        front = [p for p in pts if not any((q["hit_rate"], -q["perplexity"]) != (p["hit_rate"], -p["perplexity"])
+                                           and q["hit_rate"] >= p["hit_rate"] and q["perplexity"] <= p["perplexity"]
+                                           for q in pts)]
+        assert sorted(map(json.dumps, front)) == sorted(map(json.dumps, pa["fronts"][family]))
+    for v in pa["verdict"]:
+        limit = pa["base_perplexity"] * (1 + v["budget"])
+        for family, pts in pa["families"].items():
+            within = [p["hit_rate"] for p in pts if p["perplexity"] <= limit]
+            assert v["best_hit_rate"][family] == (max(within) if within else None)
+    # at the largest bonus, cache-aware routing hits at least as often as the same model's plain routing
+    for family, pts in pa["families"].items():
+        biased = [p for p in pts if p["bias"] == max(pa["biases"])]
+        if biased:
+            assert biased[0]["hit_rate"] >= next(p for p in pts if p["bias"] == 0)["hit_rate"]
 
 
 def test_decode_rows(run, truth):
@@ -288,7 +325,8 @@ def test_capacity_grid_and_quick_defaults():
     assert bench.capacity_grid((1, 2, 4), 2, 8) == [2, 4, 8]
     assert bench.capacity_grid((4, 8), 3, 8) == [8]  # capped at E
     s = bench.parse_args(["--quick", "--windows", "5"])
-    assert (s.windows, s.car_windows, s.decode_tokens) == (5, bench.QUICK["car_windows"], bench.QUICK["decode_tokens"])
+    assert (s.windows, s.pareto_windows, s.decode_tokens) == (5, bench.QUICK["pareto_windows"],
+                                                              bench.QUICK["decode_tokens"])
     s = bench.parse_args([])
     assert (s.windows, s.quick, s.peers) == (bench.Settings.windows, False, True)
     assert bench.parse_args(["--no-peers"]).peers is False

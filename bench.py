@@ -31,6 +31,7 @@ Mazur (2023) for the per-layer LRU expert cache.
     python bench.py --quick                     # under a minute on 2 CPU cores: a first look
     python bench.py                             # the full study of runs/default/{base,remoe} (CUDA if present)
     python bench.py --base ckpt/ds2 --tuned runs/ds2/remoe --data corpus.jsonl --out runs/bench-ds2
+    python bench.py --shape deepseek-v2-lite --decode-windows 4 --decode-tokens 32   # real expert sizes
 
 Shapes: W windows, T tokens per window, L MoE layers, K top-k, E routed experts, V vocabulary.
 """
@@ -98,6 +99,7 @@ class Settings:
     threads: int = 0
     peers: bool = True
     quick: bool = False
+    shape: str | None = None    # measure a real model's expert shapes instead (SHAPES)
 
 
 # --quick also pins one CPU thread: with two, OpenMP threads of a small model spin-wait on each other
@@ -430,6 +432,113 @@ def peers(path, prompt, new_tokens, repeats, device, dtype):
             "ratio": tps["remoe"] / tps["transformers"], "transformers_version": transformers.__version__,
             "same_tokens": torch.equal(outs["remoe"].cpu(), outs["transformers"].cpu()),
             "new_tokens": new_tokens, "repeats": repeats, "dtype": str(dtype).removeprefix("torch.")}
+
+
+# ----------------------------------------------------------------------------------------------
+# Real expert sizes (--shape): the default model's experts are 147 KB, so a miss costs less than the
+# Python around it; a real model's are megabytes, and decoding is bound by memory and disk bandwidth.
+# A checkpoint with a published model's expert shapes and dtype on disk, but a few layers, a small
+# vocabulary and random weights, measures the engine where it matters: resident decoding against the
+# bandwidth bound (active weight bytes / GEMV bandwidth) and transformers, and offloaded decoding
+# against its I/O bound (resident time + bytes missed / disk bandwidth).
+
+SHAPES = {  # the published configs with 3 (V2-Lite: 1 dense + 2 MoE) or 2 layers and an 8k vocabulary
+    "deepseek-v2-lite": {
+        "model_type": "deepseek_v2", "architectures": ["DeepseekV2ForCausalLM"], "vocab_size": 8192,
+        "hidden_size": 2048, "intermediate_size": 10944, "moe_intermediate_size": 1408, "num_hidden_layers": 3,
+        "num_attention_heads": 16, "num_key_value_heads": 16, "n_shared_experts": 2, "n_routed_experts": 64,
+        "num_experts_per_tok": 6, "first_k_dense_replace": 1, "kv_lora_rank": 512, "q_lora_rank": None,
+        "qk_nope_head_dim": 128, "qk_rope_head_dim": 64, "v_head_dim": 128, "topk_method": "greedy",
+        "norm_topk_prob": False, "routed_scaling_factor": 1.0, "max_position_embeddings": 4096,
+        "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "tie_word_embeddings": False, "torch_dtype": "bfloat16"},
+    "qwen3-30b-a3b": {
+        "model_type": "qwen3_moe", "architectures": ["Qwen3MoeForCausalLM"], "vocab_size": 8192,
+        "hidden_size": 2048, "intermediate_size": 6144, "num_hidden_layers": 2, "num_attention_heads": 32,
+        "num_key_value_heads": 4, "head_dim": 128, "moe_intermediate_size": 768, "num_experts": 128,
+        "num_experts_per_tok": 8, "norm_topk_prob": True, "decoder_sparse_step": 1, "mlp_only_layers": [],
+        "max_position_embeddings": 4096, "rope_theta": 1e6, "rms_norm_eps": 1e-6, "tie_word_embeddings": False,
+        "torch_dtype": "bfloat16"},
+}
+
+
+def shape_checkpoint(name, folder):
+    """The random bfloat16 checkpoint of SHAPES[name] in `folder` (built once; rebuilt if its config changed):
+    N(0, 0.02) matrices, norms at 1, in the Hugging Face layout."""
+    from safetensors.torch import save_file
+
+    config, folder = SHAPES[name], Path(folder)
+    if (folder / "config.json").is_file() and json.loads((folder / "config.json").read_text()) == config:
+        return folder
+    with torch.device("meta"):
+        shapes = {k: v.shape for k, v in model.build_model(config).state_dict().items()}
+    cfg, gen = model.config_from_hf(config), torch.Generator().manual_seed(0)
+    state = {}
+    for k, shape in tqdm(shapes.items(), desc=f"building {name}", unit="tensor", file=sys.stderr, disable=None):
+        t = torch.ones(shape) if len(shape) == 1 else torch.randn(shape, generator=gen) * 0.02
+        state[model.disk_name(cfg, k)] = t.to(torch.bfloat16)
+    with model.atomic_write(folder) as tmp:
+        tmp.mkdir()
+        save_file(state, tmp / "model.safetensors", metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    return folder
+
+
+def gemv_bandwidth(dtype, mb=512, repeats=5):
+    """Bytes per second a matrix-vector product streams from memory: one token's linear layers at best."""
+    W = torch.randn(mb * 2**20 // (4096 * dtype.itemsize), 4096).to(dtype)  # rows x 4096, far beyond the caches
+    x = torch.randn(1, 4096).to(dtype)
+    F.linear(x, W)  # warm-up
+    best = math.inf
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        F.linear(x, W)
+        best = min(best, time.perf_counter() - t0)
+    return W.numel() * W.element_size() / best
+
+
+def active_bytes(cfg, dtype):
+    """Weight bytes one decode token reads: every non-routed weight (one embedding row), K experts per MoE layer."""
+    with torch.device("meta"):
+        net = model.build_model(cfg)
+    total = sum(p.numel() for n, p in net.named_parameters() if ".experts." not in n)
+    total -= net.model.embed_tokens.weight.numel() - cfg.hidden_size
+    expert = 3 * cfg.hidden_size * cfg.moe_intermediate_size
+    return (total + len(cfg.moe_layers) * cfg.num_experts_per_tok * expert) * dtype.itemsize
+
+
+def shape_study(s, name, log=print):
+    """--shape: resident decoding at real expert sizes against its bandwidth bound and transformers, then
+    offloaded decoding at several cache sizes against its I/O bound; all on the same random token windows."""
+    if s.threads:
+        torch.set_num_threads(s.threads)
+    path = shape_checkpoint(name, Path(s.out) / "shapes" / name)
+    cfg = model.read_config(path)
+    K, E = cfg.num_experts_per_tok, cfg.n_routed_experts
+    caps = s.decode_capacities or capacity_grid(s.decode_multiples, K, E)
+    check_settings(s, cfg, caps)
+    windows = torch.randint(0, cfg.vocab_size, (s.decode_windows + 1, s.prompt_tokens + s.decode_tokens),
+                            generator=torch.Generator().manual_seed(0))
+    bandwidth = gemv_bandwidth(torch.float32)
+    need = active_bytes(cfg, torch.float32)
+    log(f"{name}: {len(cfg.moe_layers)} MoE layers x {E} experts of {3 * cfg.hidden_size * cfg.moe_intermediate_size * 2 / 1e6:.1f} "
+        f"MB (bf16 on disk), top-{K}; computed in float32 on {torch.get_num_threads()} threads; GEMV streams "
+        f"{bandwidth / 2**30:.1f} GiB/s, a token reads {need / 1e6:.0f} MB: bound {need / bandwidth * 1e3:.1f} ms/token")
+    peer = peers(path, windows[0, :s.prompt_tokens].tolist(), s.decode_tokens, s.repeats, torch.device("cpu"),
+                 torch.float32)
+    opts = oi.OffloadConfig(dtype="float32")
+    bound = oi.physical_bound(path, windows, s.prompt_tokens, caps, opts, log)
+    result = {"shape": name, "config": SHAPES[name], "gemv_bandwidth_bytes_per_s": bandwidth,
+              "active_bytes_per_token": need, "bandwidth_bound_ms": need / bandwidth * 1e3, "peers": peer,
+              "offload": bound, "windows": s.decode_windows, "prompt_tokens": s.prompt_tokens,
+              "decode_tokens": s.decode_tokens, "threads": torch.get_num_threads()}
+    resident = bound["resident_ms_per_token"]
+    log(f"resident engine {resident:.1f} ms/token = {resident / result['bandwidth_bound_ms']:.2f}x the bandwidth bound; "
+        + (f"model.generate {1e3 / peer['remoe_tokens_per_s']:.1f} ms/token vs transformers "
+           f"{1e3 / peer['transformers_tokens_per_s']:.1f} ({peer['ratio']:.2f}x)" if "ratio" in peer else peer["skipped"]))
+    for r in bound["rows"]:
+        log(f"cache {r['cache']:3d}: {r['ms_per_token']:.1f} ± {r['ms_per_token_ci95']:.1f} ms/token, bound "
+            f"{r['bound_ms']:.1f} ({r['ratio_to_bound']:.2f}x), {r['mb_per_token']:.1f} MB/token, hit rate {r['hit_rate']:.3f}")
+    return result
 
 
 # ----------------------------------------------------------------------------------------------
@@ -860,6 +969,9 @@ def parse_args(argv=None):
                                                f"machine often run faster with 1 {default('threads')}")
     g.add_argument("--no-peers", dest="peers", action="store_false", default=None,
                    help="skip the comparison with transformers' generate")
+    g.add_argument("--shape", choices=sorted(SHAPES), help="instead of the base/tuned study: a random checkpoint with "
+                                                          "this published model's expert shapes and dtype, decoded "
+                                                          "resident and offloaded against their bandwidth bounds")
     g.add_argument("--quick", action="store_true", default=None,
                    help="fewer windows, capacities and decode tokens, for a look in about a minute")
     args = p.parse_args(argv)
@@ -870,8 +982,16 @@ def parse_args(argv=None):
 
 def main(argv=None):
     s = parse_args(argv)
+    def log(msg):  # notes and progress go to stderr, the report to stdout
+        print(msg, file=sys.stderr)
+
     with model.user_errors():
-        results, traces = run(s, log=lambda msg: print(msg, file=sys.stderr))
+        if s.shape:
+            result = shape_study(s, s.shape, log)
+            model.write_json(Path(s.out) / f"shape-{s.shape}.json", result)
+            print(f"wrote {Path(s.out) / f'shape-{s.shape}.json'}", file=sys.stderr)
+            return result
+        results, traces = run(s, log=log)
         md = write_outputs(results, traces, s.out)
     print(md)
     print(f"\nwrote {Path(s.out) / 'results.md'}, results.json, traces.npz and {len(results['files']['plots'])} plots",

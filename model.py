@@ -330,8 +330,9 @@ class RMSNorm(nn.Module):
 
     def forward(self, x):
         # normalise in fp32, cast back *before* the weight: the order transformers uses (matters in bf16)
-        x32 = x.float()
-        return self.weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+        x32 = x if x.dtype == torch.float32 else x.float()  # (a no-op cast still costs a dispatch per token)
+        y = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * (y if y.dtype == x.dtype else y.to(x.dtype))
 
 
 def rope_frequencies(cfg, dim):
@@ -368,13 +369,19 @@ def yarn_mscale(factor, mscale=1.0):
 
 
 def apply_rope(x, cos, sin, interleaved):
-    """Rotate x [B, H, T, d] by position. Half layout pairs (x_i, x_{i+d/2}); interleaved pairs (x_2i, x_2i+1)."""
-    cos, sin = cos.to(x.dtype), sin.to(x.dtype)  # (T, d/2)
+    """Rotate x [B, H, T, d] by position: each pair of dims is a complex number multiplied by
+    cos + i sin (T, d/2) of its frequency, in fp32. The interleaved layout pairs (x_2i, x_2i+1), as
+    DeepSeek stores its rope dims; the half layout pairs (x_i, x_{i+d/2}) (NeoX, Qwen, OLMoE, Mixtral)."""
+    xf = x if x.dtype == torch.float32 else x.float()
+    cis = torch.complex(cos, sin)  # (T, d/2)
     if interleaved:
-        x1, x2 = x[..., 0::2], x[..., 1::2]
-        return torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+        z = torch.view_as_complex(xf.unflatten(-1, (-1, 2)).contiguous()) * cis  # (B, H, T, d/2)
+        out = torch.view_as_real(z).flatten(-2)
+    else:
+        x1, x2 = xf.chunk(2, dim=-1)
+        z = torch.complex(x1, x2) * cis  # (B, H, T, d/2)
+        out = torch.cat((z.real, z.imag), dim=-1)
+    return out if out.dtype == x.dtype else out.to(x.dtype)
 
 
 def attend(q, k, v, scale):
@@ -386,8 +393,9 @@ def attend(q, k, v, scale):
         # decoding: the one query sees every key; the G = H/KV query heads of a key/value head are rows
         # of one matmul (for tiny heads two matmuls cost less than one fused call's dispatch)
         q = q.reshape(B, KV, H // KV, q.shape[-1])  # (B, KV, G, hd)
-        w = torch.softmax((q @ k.transpose(-1, -2)).float() * scale, dim=-1).to(v.dtype)  # (B, KV, G, S)
-        return (w @ v).reshape(B, H, 1, v.shape[-1])
+        scores = q @ k.transpose(-1, -2)  # (B, KV, G, S)
+        w = torch.softmax(scores * scale if scores.dtype == torch.float32 else scores.float() * scale, dim=-1)
+        return (w.to(v.dtype) @ v).reshape(B, H, 1, v.shape[-1])
     if KV != H:
         k, v = k.repeat_interleave(H // KV, dim=1), v.repeat_interleave(H // KV, dim=1)  # (B, H, S, hd)
     if T == S:
@@ -547,10 +555,11 @@ class Gate(nn.Module):
         before group limiting, so a favoured expert's group is favoured too); the weights stay the
         unbiased scores. offload_infer.py's cache-aware routing uses it to favour cached experts."""
         cfg = self.cfg
-        if cfg.router_logits_fp32:
+        if cfg.router_logits_fp32 and x.dtype != torch.float32:
             logits = F.linear(x.float(), self.weight.float())
         else:
-            logits = F.linear(x, self.weight).float()
+            logits = F.linear(x, self.weight)
+            logits = logits if logits.dtype == torch.float32 else logits.float()
         scores = logits.sigmoid() if cfg.scoring_func == "sigmoid" else logits.softmax(dim=-1)  # (N, E)
         choice = scores
         if cfg.topk_method == "noaux_tc":
@@ -610,7 +619,7 @@ class Experts(nn.ModuleList):
         """(expert id, expert) for every expert that `indices` (N, K) selects, in ascending id order."""
         if len(self) == 0:
             raise RuntimeError("routed experts were left on disk (experts_on_disk=True); decode with offload_infer.py")
-        for e in indices.unique().tolist():
+        for e in sorted(set(indices.flatten().tolist())):
             yield e, self[e]
 
 

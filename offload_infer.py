@@ -620,6 +620,19 @@ def parse_args(argv=None):
                                                           "models on a busy machine often decode faster with 1")
     g = p.add_argument_group("output")
     g.add_argument("--json", default=None, help="write the figures and the prompt's and generated token ids here")
+    g = p.add_argument_group("benchmark (--bench): the same held-out tokens for every contender, and the I/O bound")
+    g.add_argument("--bench", action="store_true", help="decode held-out test windows (teacher forcing) with every "
+                                                        "--bench-models model, plain and with --cache-bias, interleaved; "
+                                                        "then time per token against the physical bound")
+    g.add_argument("--bench-models", nargs="+", default=None,
+                   help=f"models to compare, the first the baseline (default: {model.DEFAULT_BASE_DIR} and "
+                        f"{model.DEFAULT_TUNED_DIR}, else --model)")
+    g.add_argument("--data", default=None, help="text whose test split gives the windows (default: the Python stdlib)")
+    g.add_argument("--data-dir", default=str(model.DEFAULT_RUN / "data"), help="token cache (default: %(default)s)")
+    g.add_argument("--bench-windows", type=int, default=16, help="windows per contender, after one warm-up "
+                                                                 "(default: %(default)s)")
+    g.add_argument("--bench-prompt", type=int, default=32, help="tokens prefilled per window (default: %(default)s)")
+    g.add_argument("--bench-tokens", type=int, default=64, help="tokens fed one by one per window (default: %(default)s)")
     return p.parse_args(argv)
 
 
@@ -638,6 +651,70 @@ def prompt_token_ids(args, tok, cfg):
     return tok.encode(args.prompt).ids
 
 
+def bench_windows(args, path):
+    """(N + 1, P + C) windows of the test split (the first a warm-up), tokenized as the model's tokenizer does."""
+    from data import DataConfig, eval_windows, prepare_data  # data.py is only needed here
+    if model.load_tokenizer(path) is None:
+        raise UserError(f"{path}: no tokenizer.json to tokenize the benchmark's text")
+    _, _, data = prepare_data(DataConfig(data=args.data), Path(args.data_dir), Path(path))
+    length = args.bench_prompt + args.bench_tokens
+    if len(data.test) < (args.bench_windows + 1) * length:
+        raise UserError(f"the test split has {len(data.test)} tokens, fewer than --bench-windows + 1 = "
+                        f"{args.bench_windows + 1} windows of --bench-prompt + --bench-tokens = {length}")
+    return eval_windows(data.test, length - 1, args.bench_windows + 1)
+
+
+def run_bench(args, opts, log=print):
+    """--bench: the same-token decode table, then the physical-bound table of the first model."""
+    paths = args.bench_models or [str(p) for p in (model.DEFAULT_BASE_DIR, model.DEFAULT_TUNED_DIR) if p.is_dir()]
+    paths = paths or [args.model]
+    cfgs = [model.read_config(p) for p in paths]
+    for p, c in zip(paths[1:], cfgs[1:]):
+        if asdict(c) != asdict(cfgs[0]):
+            raise UserError(f"{p} and {paths[0]} have different architectures; --bench compares twins (same experts)")
+    cfg, K = cfgs[0], cfgs[0].num_experts_per_tok
+    for c in {args.cache, K, min(2 * K, cfg.n_routed_experts), min(4 * K, cfg.n_routed_experts)}:
+        check_cache_size(cfg, c)
+    if min(args.bench_windows, args.bench_prompt, args.bench_tokens) < 1:
+        raise UserError("--bench-windows, --bench-prompt and --bench-tokens must be >= 1")
+    check_prompt(cfg, args.bench_prompt, args.bench_tokens)
+    windows = bench_windows(args, paths[0])
+    engines = {}
+    for p in paths:
+        for bias in sorted({0.0, args.cache_bias}):
+            name = Path(p).name + (f" + cache-aware {bias:g}" if bias else "")
+            engines[name] = OffloadEngine(p, replace(opts, io="direct", cache_bias=bias))
+    first = next(iter(engines.values()))
+    log(f"{len(windows) - 1} test windows (+1 warm-up) of {args.bench_prompt} prompt + {args.bench_tokens} tokens fed "
+        f"one by one, cache {args.cache}/layer, {first.device}, io {first.store.io}"
+        + (f" ({first.store.fallback})" if first.store.fallback else ""))
+    try:
+        runs = same_token_decode(engines, windows, args.bench_prompt,
+                                 log=lambda i, n: print(f"\rwindow {i}/{n}", end="", file=sys.stderr, flush=True))
+        print(file=sys.stderr)
+    finally:
+        for e in engines.values():
+            e.close()
+    summary = summarize_runs(runs, next(iter(engines)))
+    log(f"{'contender':36s} {'ms/token':>16s} {'speedup (95% CI)':>22s} {'hit rate':>8s} {'loads/tok':>9s} "
+        f"{'MB/tok':>7s} {'perplexity':>10s}")
+    for name, s in summary.items():
+        log(f"{name:36s} {s['ms_per_token']:9.2f} ± {s['ms_per_token_ci95']:4.2f} {s['speedup']:9.2f}x "
+            f"[{s['speedup_ci95'][0]:.2f}, {s['speedup_ci95'][1]:.2f}] {s['hit_rate']:8.3f} {s['loads_per_token']:9.2f} "
+            f"{s['mb_per_token']:7.3f} {s['perplexity']:10.3f}")
+    caps = sorted({K, min(2 * K, cfg.n_routed_experts), min(4 * K, cfg.n_routed_experts)})
+    bound = physical_bound(paths[0], windows, args.bench_prompt, caps, replace(opts, cache_bias=0.0), log)
+    log(f"resident (all {cfg.n_routed_experts} experts in slots, the same code): {bound['resident_ms_per_token']:.2f} "
+        f"± {bound['resident_ms_per_token_ci95']:.2f} ms/token")
+    log(f"{'cache':>5s} {'ms/token':>16s} {'bound ms':>9s} {'ratio':>6s} {'MB/token':>9s} {'hit rate':>8s}")
+    for r in bound["rows"]:
+        log(f"{r['cache']:5d} {r['ms_per_token']:9.2f} ± {r['ms_per_token_ci95']:4.2f} {r['bound_ms']:9.2f} "
+            f"{r['ratio_to_bound']:6.2f} {r['mb_per_token']:9.3f} {r['hit_rate']:8.3f}")
+    return {"models": paths, "windows": windows.tolist(), "prompt_tokens": args.bench_prompt,
+            "decode_tokens": args.bench_tokens, "cache": args.cache, "contenders": summary, "per_window": runs,
+            "bound": bound, "device": str(first.device), "threads": torch.get_num_threads()}
+
+
 def main(argv=None):
     args = parse_args(argv)
     args.model = args.model or str(model.default_model_dir())
@@ -645,6 +722,12 @@ def main(argv=None):
                          cache_bias=args.cache_bias, prefetch=args.prefetch)
     if args.threads > 0:
         torch.set_num_threads(args.threads)
+    if args.bench:
+        with model.user_errors():
+            result = run_bench(args, opts)
+            if args.json:
+                model.write_json(args.json, result)
+        return
     with model.user_errors():
         # every check on user input comes before the (slow) load
         cfg = model.read_config(args.model)

@@ -27,7 +27,7 @@ import router
 import train
 from data import DataConfig, eval_windows, prepare_data
 from oracles import BRUTE
-from tiny import assert_cli_errors, finetune_args
+from tiny import assert_cli_errors, finetune_args, load_oracle, read_tensors
 
 REPO = Path(__file__).resolve().parent.parent
 SEQ_LEN, WINDOWS = 32, 4
@@ -354,3 +354,45 @@ def test_bad_input_is_one_line(pair, tmp_path):
     }
     assert_cli_errors(REPO / "bench.py", cases, cwd=tmp_path, extra=data)
     assert not (tmp_path / "out").exists()  # nothing is written before the input is checked
+
+
+def test_offload_infer_bench_on_the_pair(pair, tmp_path, capsys):
+    """`python offload_infer.py --bench`: every model plain and cache-aware on the same windows, then the
+    bound table; the JSON's summary follows from its per-window figures."""
+    out = tmp_path / "bench.json"
+    oi.main(["--bench", "--bench-models", str(pair["base"]), str(pair["tuned"]), "--data", str(pair["corpus"]),
+             "--data-dir", str(pair["data_dir"]), "--bench-windows", "2", "--bench-prompt", "4", "--bench-tokens", "6",
+             "--cache", "4", "--cache-bias", "0.05", "--threads", "1", "--json", str(out)])
+    printed = capsys.readouterr().out
+    r = json.loads(out.read_text())
+    assert list(r["contenders"]) == ["base", "base + cache-aware 0.05", "remoe", "remoe + cache-aware 0.05"]
+    assert len(r["windows"]) == 3 and all(len(w) == 10 for w in r["windows"])
+    for name, s in r["contenders"].items():
+        per = r["per_window"][name]
+        assert len(per["s_per_token"]) == 2 and s["ms_per_token"] == pytest.approx(1e3 * sum(per["s_per_token"]) / 2)
+        assert name in printed
+    assert [row["cache"] for row in r["bound"]["rows"]] == [2, 4, 8] and "bound ms" in printed
+
+
+def test_shape_study_on_a_small_shape(tmp_path, monkeypatch):
+    """--shape with a small stand-in for a published shape: the checkpoint is bfloat16 in the HF layout
+    (transformers loads it), the active bytes are every non-expert weight but one embedding row plus K
+    experts per MoE layer, and the offload rows come with their I/O bound."""
+    small = dict(bench.SHAPES["qwen3-30b-a3b"], hidden_size=64, intermediate_size=96, num_attention_heads=4,
+                 num_key_value_heads=2, head_dim=16, moe_intermediate_size=32, num_experts=16, num_experts_per_tok=4,
+                 vocab_size=128, max_position_embeddings=256)
+    monkeypatch.setitem(bench.SHAPES, "small", small)
+    s = bench.parse_args(["--out", str(tmp_path), "--decode-windows", "2", "--prompt-tokens", "4", "--decode-tokens",
+                          "6", "--repeats", "1", "--threads", "1"])
+    result = bench.shape_study(s, "small", log=lambda *a: None)
+    path = tmp_path / "shapes" / "small"
+    assert {t.dtype for t in read_tensors(path).values()} == {torch.bfloat16}
+    hf = load_oracle(path)
+    cfg = model.read_config(path)
+    per_expert = 3 * 64 * 32
+    non_expert = sum(p.numel() for n, p in hf.named_parameters() if ".experts." not in n) - (128 - 1) * 64
+    assert result["active_bytes_per_token"] == 4 * (non_expert + len(cfg.moe_layers) * 4 * per_expert)
+    assert result["bandwidth_bound_ms"] == pytest.approx(
+        result["active_bytes_per_token"] / result["gemv_bandwidth_bytes_per_s"] * 1e3)
+    assert [r["cache"] for r in result["offload"]["rows"]] == bench.capacity_grid(bench.Settings.decode_multiples, 4, 16)
+    assert result["peers"]["same_tokens"]  # resident model.py decodes as transformers does

@@ -385,53 +385,106 @@ def decode(paths, windows, prompt_len, capacity, bias, device, dtype):
 
 
 # ----------------------------------------------------------------------------------------------
-# Peers: remoe's model.py with every expert resident against transformers' generate on the same
-# checkpoint, same prompt, same number of greedy tokens (prefill included in both), interleaved
+# Peers: decoding with every expert resident, side by side on the same checkpoint and the same tokens:
+# the offload engine with all experts cached, model.py's own generate, transformers' generate, and
+# llama.cpp (the checkpoint exported to a float32 GGUF by export.py). Decode time only: the prompt's
+# prefill is timed apart and subtracted, so a contender with a slow prefill is not blamed for it.
+
+def llama_cpp_missing():
+    """Why llama.cpp cannot be measured here, or None."""
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError:
+        return "llama_cpp is not installed (pip install llama-cpp-python)"
+    return None
+
+
+def llama_cpp(gguf_path, n_ctx, threads):
+    import llama_cpp as lc
+    return lc.Llama(str(gguf_path), n_ctx=n_ctx, n_batch=512, n_threads=threads, n_threads_batch=threads,
+                    logits_all=False, verbose=False)
+
 
 @torch.no_grad()
-def peers(path, prompt, new_tokens, repeats, device, dtype):
+def peers(path, prompt, new_tokens, repeats, device, dtype, gguf_dir=None):
+    """Decode tokens/s of each contender (best of `repeats`, interleaved), and whether they agree."""
+    cfg = model.read_config(path)
+    ids = torch.tensor([prompt], device=device)
+    net = model.load_model(path, device, dtype)
+    want = model.generate(net, ids, new_tokens)[0, len(prompt):].tolist()  # the greedy tokens every contender decodes
+    engine = oi.OffloadEngine(path, oi.OffloadConfig(cache=cfg.n_routed_experts, device=str(device),
+                                                     dtype=str(dtype).removeprefix("torch.")))
+    engine.preload_all()
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    def minus_prefill(generate):  # seconds of new_tokens decode steps: a run of n + 1 tokens minus a run of 1
+        def run():
+            sync()
+            t0 = time.perf_counter()
+            generate(1)
+            sync()
+            t1 = time.perf_counter()
+            out = generate(new_tokens + 1)
+            sync()
+            return time.perf_counter() - t1 - (t1 - t0), out
+        return run
+
+    def engine_decode():  # DecodeReport times the steps after the first token: new_tokens of them here
+        out, report = engine.generate(prompt, new_tokens + 1)
+        return report.time_per_token_s * new_tokens, out
+
+    runs = {"remoe engine, all experts cached": engine_decode,
+            "remoe model.generate": minus_prefill(lambda n: model.generate(net, ids, n))}
+    agree, notes = {}, []
     try:
         import transformers
         from transformers import AutoModelForCausalLM
-    except ImportError:
-        return {"skipped": "transformers is not installed (pip install transformers): no peer row"}
-    bar_was_on = transformers.utils.logging.is_progress_bar_enabled()
-    transformers.utils.logging.disable_progress_bar()  # its loading bar would break ours
-    try:
+        transformers.utils.logging.disable_progress_bar()  # its loading bar would break ours
         hf = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype).to(device).eval()
-    except Exception as e:  # an architecture this transformers version cannot load: report it, keep the rest
-        return {"skipped": f"transformers could not load {path}: {str(e).splitlines()[0]}"}
-    finally:
-        if bar_was_on:
-            transformers.utils.logging.enable_progress_bar()
-    ours = model.load_model(path, device, dtype)
-    ids = torch.tensor([prompt], device=device)
-    mask = torch.ones_like(ids)
-    runs = {"remoe": lambda n: model.generate(ours, ids, n),
-            "transformers": lambda n: hf.generate(ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
-                                                  do_sample=False, pad_token_id=0)}
+        mask = torch.ones_like(ids)
+        runs[f"transformers {transformers.__version__} generate"] = minus_prefill(
+            lambda n: hf.generate(ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                                  pad_token_id=0))
+    except Exception as e:  # not installed, or an architecture this version cannot load: report it, keep the rest
+        notes.append(f"transformers: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
+    missing = llama_cpp_missing() or (None if gguf_dir else "no folder for the GGUF")
+    if missing is None and device.type == "cpu":
+        import export
+        gguf_path = Path(gguf_dir) / "model-f32.gguf"
+        try:
+            export.export_gguf(path, gguf_path, "f32")
+            llm = llama_cpp(gguf_path, len(prompt) + new_tokens + 8, torch.get_num_threads())
 
-    def timed(fn, n):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        t0 = time.perf_counter()
-        out = fn(n)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        return time.perf_counter() - t0, out
-
+            def llama_decode():  # the same tokens, one per step, after the prompt's prefill (not timed)
+                llm.reset()
+                llm.eval(prompt)
+                t0 = time.perf_counter()
+                for t in want:
+                    llm.eval([t])
+                return time.perf_counter() - t0, None
+            runs["llama.cpp (float32 GGUF)"] = llama_decode
+        except UserError as e:
+            notes.append(f"llama.cpp: {e}")
+    else:
+        notes.append(f"llama.cpp: {missing or 'measured on the CPU only'}")
     for fn in runs.values():
-        fn(2)  # warm-up
-    best, outs = {}, {}
+        fn()  # warm-up
+    best = dict.fromkeys(runs, math.inf)
     for _ in range(repeats):
         for name, fn in runs.items():
-            t, outs[name] = timed(fn, new_tokens)
-            best[name] = min(best.get(name, math.inf), t)
-    tps = {name: new_tokens / t for name, t in best.items()}
-    return {"remoe_tokens_per_s": tps["remoe"], "transformers_tokens_per_s": tps["transformers"],
-            "ratio": tps["remoe"] / tps["transformers"], "transformers_version": transformers.__version__,
-            "same_tokens": torch.equal(outs["remoe"].cpu(), outs["transformers"].cpu()),
-            "new_tokens": new_tokens, "repeats": repeats, "dtype": str(dtype).removeprefix("torch.")}
+            seconds, out = fn()
+            best[name] = min(best[name], seconds)
+            if out is not None:
+                agree[name] = out[0, len(prompt):len(prompt) + new_tokens].tolist() == want
+    engine.close()
+    tps = {name: new_tokens / s for name, s in best.items()}
+    ref = "remoe engine, all experts cached"
+    return {"tokens_per_s": tps, "vs_engine": {name: tps[ref] / v for name, v in tps.items()},
+            "same_greedy_tokens": agree, "notes": notes, "new_tokens": new_tokens, "prompt_tokens": len(prompt),
+            "repeats": repeats, "threads": torch.get_num_threads(), "dtype": str(dtype).removeprefix("torch.")}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -524,7 +577,7 @@ def shape_study(s, name, log=print):
         f"MB (bf16 on disk), top-{K}; computed in float32 on {torch.get_num_threads()} threads; GEMV streams "
         f"{bandwidth / 2**30:.1f} GiB/s, a token reads {need / 1e6:.0f} MB: bound {need / bandwidth * 1e3:.1f} ms/token")
     peer = peers(path, windows[0, :s.prompt_tokens].tolist(), s.decode_tokens, s.repeats, torch.device("cpu"),
-                 torch.float32)
+                 torch.float32, Path(s.out) / "shapes" / f"{name}-gguf")
     opts = oi.OffloadConfig(dtype="float32")
     bound = oi.physical_bound(path, windows, s.prompt_tokens, caps, opts, log)
     result = {"shape": name, "config": SHAPES[name], "gemv_bandwidth_bytes_per_s": bandwidth,
@@ -533,8 +586,7 @@ def shape_study(s, name, log=print):
               "decode_tokens": s.decode_tokens, "threads": torch.get_num_threads()}
     resident = bound["resident_ms_per_token"]
     log(f"resident engine {resident:.1f} ms/token = {resident / result['bandwidth_bound_ms']:.2f}x the bandwidth bound; "
-        + (f"model.generate {1e3 / peer['remoe_tokens_per_s']:.1f} ms/token vs transformers "
-           f"{1e3 / peer['transformers_tokens_per_s']:.1f} ({peer['ratio']:.2f}x)" if "ratio" in peer else peer["skipped"]))
+        + ", ".join(f"{n} {1e3 / v:.1f} ms/token" for n, v in peer["tokens_per_s"].items()))
     for r in bound["rows"]:
         log(f"cache {r['cache']:3d}: {r['ms_per_token']:.1f} ± {r['ms_per_token_ci95']:.1f} ms/token, bound "
             f"{r['bound_ms']:.1f} ({r['ratio_to_bound']:.2f}x), {r['mb_per_token']:.1f} MB/token, hit rate {r['hit_rate']:.3f}")
@@ -662,7 +714,7 @@ def run(s, log=print):
     if s.peers:
         progress.section("peers")
         prompt = decode_windows[0, :s.prompt_tokens].tolist()
-        results["peers"] = peers(paths["base"], prompt, s.decode_tokens, s.repeats, device, dtype)
+        results["peers"] = peers(paths["base"], prompt, s.decode_tokens, s.repeats, device, dtype, Path(s.out) / "gguf")
         progress.tick()
     else:
         results["peers"] = {"skipped": "--no-peers was given"}
@@ -788,15 +840,16 @@ def md_decode(r):
 
 def md_peers(r):
     p = r["peers"]
-    out = ["## Peers: all-resident decoding vs transformers' generate (same checkpoint: the base model)", ""]
+    out = ["## Peers: decoding with every expert resident (the base model's checkpoint, the same greedy tokens)", ""]
     if "skipped" in p:
         return out + [f"Skipped: {p['skipped']}.", ""]
-    rows = [[f"{p['remoe_tokens_per_s']:.1f}", f"{p['transformers_tokens_per_s']:.1f}", f"{p['ratio']:.2f}x",
-             "yes" if p["same_tokens"] else "no"]]
-    return out + table(["remoe tokens/s", f"transformers {p['transformers_version']} tokens/s", "ratio",
-                        "same greedy tokens"], rows) + [
-        "", f"{p['new_tokens']} tokens per run, prefill included, {p['dtype']}, best of {p['repeats']}, "
-            f"interleaved.", ""]
+    rows = [[name, f"{tps:.1f}", f"{p['vs_engine'][name]:.2f}x",
+             {True: "yes", False: "no"}.get(p["same_greedy_tokens"].get(name), "fed them")]
+            for name, tps in p["tokens_per_s"].items()]
+    return (out + table(["decoder", "tokens/s", "remoe engine is ... faster", "its own greedy tokens equal"], rows)
+            + ["", f"{p['new_tokens']} decode steps after a {p['prompt_tokens']}-token prompt (prefill excluded), "
+                   f"{p['dtype']}, {p['threads']} thread(s), best of {p['repeats']}, interleaved."
+               + "".join(f" {n}." for n in p["notes"]), ""])
 
 
 def markdown(r):

@@ -39,6 +39,8 @@ Shapes: W windows, T tokens per window, L MoE layers, K top-k, E routed experts,
 import argparse
 import json
 import math
+import os
+import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, fields, replace
@@ -95,6 +97,11 @@ class Settings:
     decode_tokens: int = 64
     decode_bias: float = 0.05   # the cache-aware contenders' bias
     repeats: int = 3            # peers: timed runs per engine, best kept
+    # llama.cpp under memory limits leaving room for m x top-k experts per MoE layer
+    llama_multiples: tuple = (1, 2, 4)
+    llama_tokens: int = 256
+    llama_repeats: int = 3
+    llama: bool = True
     device: str | None = None
     threads: int = 0
     peers: bool = True
@@ -104,7 +111,8 @@ class Settings:
 
 # --quick also pins one CPU thread: with two, OpenMP threads of a small model spin-wait on each other
 # whenever the machine is shared (measured here: 4.5 minutes instead of 45 s for the default model)
-QUICK = dict(windows=8, capacity_multiples=(1, 2, 4), pareto_windows=2, cache_bias=(0.05,),
+QUICK = dict(windows=8, capacity_multiples=(1, 2, 4), pareto_windows=2, cache_bias=(0.05,), llama_multiples=(2,),
+             llama_tokens=48, llama_repeats=1,
              decode_multiples=(2,), decode_windows=3, decode_tokens=16, repeats=2, threads=1)
 
 
@@ -156,6 +164,8 @@ def check_settings(s, cfg, caps):
     if s.decode_tokens < 2 or s.prompt_tokens < 1:
         raise UserError(f"--decode-tokens must be >= 2 and --prompt-tokens >= 1, got {s.decode_tokens} and "
                         f"{s.prompt_tokens}")
+    if s.llama_repeats < 1 or s.llama_tokens < 1 or any(not m > 0 for m in s.llama_multiples):
+        raise UserError("--llama-repeats, --llama-tokens and --llama-multiples must be > 0")
     if not s.decode_bias > 0:
         raise UserError(f"--decode-bias must be > 0, got {s.decode_bias}")
     if s.prompt_tokens + s.decode_tokens > ctx:
@@ -176,7 +186,7 @@ def held_out(s, cfg):
         raise UserError(f"the test split has {len(data.test)} tokens, fewer than --decode-windows + 1 = "
                         f"{s.decode_windows + 1} windows of --prompt-tokens + --decode-tokens = {decode_len}")
     decode_windows = eval_windows(data.test, decode_len - 1, s.decode_windows + 1)  # (N+1, P + C)
-    return windows, decode_windows, corpus.source, len(data.test)
+    return windows, decode_windows, corpus.source, [int(t) for t in data.test]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -488,6 +498,150 @@ def peers(path, prompt, new_tokens, repeats, device, dtype, gguf_dir=None):
 
 
 # ----------------------------------------------------------------------------------------------
+# The paper's measurement with the paper's runtime: llama.cpp memory-maps a GGUF, so its weights are
+# page cache. In a memory cgroup whose limit leaves room for only m x top-k experts per MoE layer
+# besides everything else, the kernel evicts the experts not used lately and llama.cpp faults them
+# back in from disk when a token routes to them: a model whose consecutive tokens reuse experts
+# faults less. Base and tuned evaluate the same token stream (one token per step), at the same
+# limits, interleaved and repeated; each run is a child process in a fresh cgroup (cgroup v1, as root).
+
+MEMORY_CGROUPS = Path("/sys/fs/cgroup/memory")
+LLAMA_CHILD = r"""
+import ctypes, json, os, sys, time
+import llama_cpp
+stat = lambda: open("/proc/self/stat").read().rsplit(")", 1)[1].split()
+majflt = lambda: int(stat()[9])  # major page faults: reads from disk
+read_bytes = lambda: int(next(l for l in open("/proc/self/io") if l.startswith("read_bytes:")).split()[1])
+path, threads = sys.argv[1], int(sys.argv[2])
+tokens = json.loads(sys.stdin.read())
+llm = llama_cpp.Llama(path, n_ctx=len(tokens) + 8, n_threads=threads, n_threads_batch=threads, verbose=False)
+# MADV_RANDOM on llama.cpp's mapping: a fault reads its own page, not the disk's readahead window
+# around it (read_ahead_kb: 8 MB on this project's disk, a quarter of the default model, so that both
+# models would re-read it all at every token and reuse could not show)
+libc, real = ctypes.CDLL(None, use_errno=True), os.path.realpath(path)
+for line in open("/proc/self/maps"):
+    parts = line.split()
+    if len(parts) >= 6 and parts[5] == real:
+        lo, hi = (int(x, 16) for x in parts[0].split("-"))
+        libc.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), 1)  # 1 = MADV_RANDOM
+times, faults, reads = [], [], []
+for tok in tokens:
+    f, b, t = majflt(), read_bytes(), time.perf_counter()
+    llm.eval([tok])
+    times.append(time.perf_counter() - t)
+    faults.append(majflt() - f)
+    reads.append(read_bytes() - b)
+anon = int(next(l for l in open("/proc/self/status") if l.startswith("RssAnon:")).split()[1]) * 1024
+print(json.dumps({"times": times, "majflt": faults, "read_bytes": reads, "rss_anon": anon}))
+"""
+
+
+def memory_cgroup_missing():
+    """Why llama.cpp cannot run under a memory limit here, or None."""
+    missing = llama_cpp_missing()
+    if missing:
+        return missing
+    own = own_memory_cgroup()
+    if own is None:
+        return f"no cgroup v1 memory controller at {MEMORY_CGROUPS}"
+    if not os.access(own, os.W_OK):
+        return f"cannot create memory cgroups under {own} (needs root)"
+    return None
+
+
+def own_memory_cgroup():
+    """This process's cgroup v1 memory cgroup folder (children are made inside it), or None."""
+    if not (MEMORY_CGROUPS / "memory.limit_in_bytes").exists():
+        return None
+    for line in Path("/proc/self/cgroup").read_text().splitlines():
+        _, controllers, path = line.split(":", 2)
+        if "memory" in controllers.split(","):
+            return MEMORY_CGROUPS / path.lstrip("/")
+    return None
+
+
+def gguf_sizes(gguf_path):
+    """Bytes of one routed expert (its three matrices in one MoE layer) and of every other tensor that
+    each token reads (all but the token embedding table, of which a token reads one row), from a GGUF."""
+    import gguf
+
+    reader = gguf.GGUFReader(str(gguf_path))
+    arch = reader.get_field("general.architecture").contents()
+    experts, moe_layers, other = 0, set(), 0
+    for t in reader.tensors:
+        if t.name.split(".")[2:3] in (["ffn_gate_exps"], ["ffn_up_exps"], ["ffn_down_exps"]):
+            experts += int(t.n_bytes)
+            moe_layers.add(t.name.split(".")[1])
+        elif t.name != "token_embd.weight":
+            other += int(t.n_bytes)
+    n_experts, top_k = (reader.get_field(f"{arch}.{k}").contents() for k in ("expert_count", "expert_used_count"))
+    return {"expert_bytes": experts / len(moe_layers) / n_experts, "moe_layers": len(moe_layers), "top_k": top_k,
+            "non_expert_bytes": other}
+
+
+def llama_cpp_under_limit(gguf_path, tokens, limit, threads, warmup=16):
+    """Evaluate `tokens` one per step in llama.cpp, in a child process inside a fresh memory cgroup of
+    `limit` bytes (None: unlimited), from a cold page cache. Per-token means after `warmup` tokens."""
+    cgroup = own_memory_cgroup() / f"remoe-llama-{os.getpid()}-{len(tokens)}-{time.monotonic_ns()}"
+    cgroup.mkdir()
+    try:
+        if limit is not None:
+            (cgroup / "memory.limit_in_bytes").write_text(str(int(limit)))
+            (cgroup / "memory.swappiness").write_text("0")
+        fd = os.open(gguf_path, os.O_RDONLY)  # drop the file's pages (written out first: dirty pages stay)
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        os.close(fd)
+        proc = subprocess.run([sys.executable, "-c", LLAMA_CHILD, str(gguf_path), str(threads)],
+                              input=json.dumps(list(map(int, tokens))), capture_output=True, text=True, timeout=1800,
+                              preexec_fn=lambda: (cgroup / "cgroup.procs").write_text(str(os.getpid())))
+        usage = int((cgroup / "memory.max_usage_in_bytes").read_text())
+        cached = int(next(l for l in (cgroup / "memory.stat").read_text().splitlines() if l.startswith("cache ")).split()[1])
+    finally:
+        for _ in range(50):  # the child is gone; rmdir moves its page-cache charges to the parent
+            try:
+                cgroup.rmdir()
+                break
+            except OSError:
+                time.sleep(0.1)
+    if proc.returncode != 0:
+        return {"failed": "killed (the limit is below what llama.cpp needs)" if proc.returncode < 0
+                else (proc.stderr.strip().splitlines() or ["exit status " + str(proc.returncode)])[-1]}
+    r = json.loads(proc.stdout.strip().splitlines()[-1])
+    n = len(r["times"]) - warmup
+    return {"time_per_token_s": sum(r["times"][warmup:]) / n, "majflt_per_token": sum(r["majflt"][warmup:]) / n,
+            "bytes_read_per_token": sum(r["read_bytes"][warmup:]) / n, "overhead_bytes": usage - cached}
+
+
+def llama_memory_study(ggufs, tokens, multiples, repeats, threads):
+    """Base and tuned GGUFs under limits that leave room for m x top-k experts per MoE layer besides the
+    non-expert weights and the process's own memory (measured by one unlimited run of the base model)."""
+    calibration = llama_cpp_under_limit(ggufs["base"], tokens, None, threads)
+    if "failed" in calibration:
+        return {"skipped": f"llama.cpp failed without a limit: {calibration['failed']}"}
+    s = gguf_sizes(ggufs["base"])
+    limits = {m: int(calibration["overhead_bytes"] + s["non_expert_bytes"] + m * s["top_k"] * s["moe_layers"]
+                     * s["expert_bytes"]) for m in multiples}
+    runs = {f"{m} {name}": [] for m in multiples for name in ggufs}
+    for i in range(repeats):
+        for m in multiples:
+            for name in list(ggufs)[:: 1 if i % 2 == 0 else -1]:  # alternate who goes first
+                runs[f"{m} {name}"].append(llama_cpp_under_limit(ggufs[name], tokens, limits[m], threads))
+    rows = []
+    for m in multiples:
+        for name in ggufs:
+            ok = [r for r in runs[f"{m} {name}"] if "failed" not in r]
+            row = {"multiple": m, "limit_bytes": limits[m], "model": name, "runs": len(ok)}
+            for k in ("time_per_token_s", "majflt_per_token", "bytes_read_per_token"):
+                vals = sorted(r[k] for r in ok)
+                row[k] = vals[len(vals) // 2] if vals else None  # the median run: a shared machine's noise is one-sided
+                row[k + "_range"] = [vals[0], vals[-1]] if vals else None
+            rows.append(row)
+    return {"sizes": s, "overhead_bytes": calibration["overhead_bytes"], "tokens": len(tokens), "repeats": repeats,
+            "threads": threads, "rows": rows}
+
+
+# ----------------------------------------------------------------------------------------------
 # Real expert sizes (--shape): the default model's experts are 147 KB, so a miss costs less than the
 # Python around it; a real model's are megabytes, and decoding is bound by memory and disk bandwidth.
 # A checkpoint with a published model's expert shapes and dtype on disk, but a few layers, a small
@@ -632,7 +786,8 @@ def run(s, log=print):
     device, device_why = model.pick_device(s.device)
     # decided once for every section, by the engine's rule, so that the batched passes and the engine compute alike
     dtype, dtype_why = model.pick_dtype(device, model.stored_dtype(s.base))
-    windows, decode_windows, source, test_tokens = held_out(s, cfg)
+    windows, decode_windows, source, test_ids = held_out(s, cfg)
+    test_tokens = len(test_ids)
     W, T = windows.shape[0], windows.shape[1] - 1
     paths = {"base": Path(s.base), "tuned": Path(s.tuned)}
     dtype_name = str(dtype).removeprefix("torch.")
@@ -649,7 +804,7 @@ def run(s, log=print):
     traces = {}
     control = next((m for m in sweep if m["lambda"] == 0 and m["anchor"] == anchor_of(s.tuned)), None)
     progress = Progress(2 + 2 * len(cache.POLICIES) * len(caps) + len(sweep)
-                        + len(s.cache_bias) * (2 + (control is not None)) + len(dec_caps) + s.peers)
+                        + len(s.cache_bias) * (2 + (control is not None)) + len(dec_caps) + s.llama + s.peers)
 
     progress.section("quality")
     passes, certificate = {}, {}
@@ -710,6 +865,24 @@ def run(s, log=print):
         progress.tick()
     results["decode"] = {"method": DECODE_METHOD, "windows": s.decode_windows, "prompt_tokens": s.prompt_tokens,
                          "decode_tokens": s.decode_tokens, "window_ids": decode_windows.tolist(), **env, "rows": rows}
+
+    if s.llama:
+        progress.section("llama.cpp under a memory limit")
+        missing = memory_cgroup_missing()
+        if missing is None and len(test_ids) < s.llama_tokens + 16:
+            missing = f"the test split has {len(test_ids)} tokens, fewer than --llama-tokens + 16 warm-up"
+        if missing is None:
+            import export
+            ggufs = {name: Path(s.out) / "gguf" / f"{name}.gguf" for name in paths}
+            for name, path in paths.items():
+                export.export_gguf(path, ggufs[name])
+            results["llama_memory"] = llama_memory_study(ggufs, test_ids[: s.llama_tokens + 16], s.llama_multiples,
+                                                         s.llama_repeats, torch.get_num_threads())
+        else:
+            results["llama_memory"] = {"skipped": missing}
+        progress.tick()
+    else:
+        results["llama_memory"] = {"skipped": "--no-llama was given"}
 
     if s.peers:
         progress.section("peers")
@@ -838,6 +1011,26 @@ def md_decode(r):
                      "loads / token", "MB read / token", "perplexity"], rows) + [""])
 
 
+def md_llama(r):
+    lm = r["llama_memory"]
+    out = ["## llama.cpp under a memory limit: the paper's measurement with the paper's runtime", ""]
+    if "skipped" in lm:
+        return out + [f"Skipped: {lm['skipped']}.", ""]
+    s = lm["sizes"]
+    out += [f"Both models exported to GGUF by export.py and evaluated by llama.cpp on the same {lm['tokens']} test "
+            f"tokens, one per step, in a memory cgroup (cgroup v1) from a cold page cache, MADV_RANDOM on the "
+            f"mapping; limit = llama.cpp's own memory ({lm['overhead_bytes'] / 1e6:.1f} MB, measured without a limit) + "
+            f"the non-expert weights ({s['non_expert_bytes'] / 1e6:.2f} MB) + m x top-{s['top_k']} experts of "
+            f"{s['expert_bytes'] / 1e3:.1f} KB per MoE layer ({s['moe_layers']} layers). Median of {lm['repeats']} "
+            f"interleaved runs (range in brackets), {lm['threads']} thread(s), the first 16 tokens not counted.", ""]
+    fmt = lambda v, r, scale, d: f"{v * scale:.{d}f} [{r[0] * scale:.{d}f}-{r[1] * scale:.{d}f}]" if v is not None else "failed"  # noqa: E731
+    rows = [[f"{x['multiple']} x top-k", f"{x['limit_bytes'] / 1e6:.1f}", LABEL[x["model"]],
+             fmt(x["time_per_token_s"], x["time_per_token_s_range"], 1e3, 2),
+             fmt(x["majflt_per_token"], x["majflt_per_token_range"], 1, 1),
+             fmt(x["bytes_read_per_token"], x["bytes_read_per_token_range"], 1e-3, 0)] for x in lm["rows"]]
+    return out + table(["limit", "MB", "model", "ms/token", "major faults/token", "KB read/token"], rows) + [""]
+
+
 def md_peers(r):
     p = r["peers"]
     out = ["## Peers: decoding with every expert resident (the base model's checkpoint, the same greedy tokens)", ""]
@@ -860,7 +1053,7 @@ def markdown(r):
            f"top-{m['num_experts_per_tok']}. Held-out text: test split of {d['source']} ({d['test_tokens']:,} "
            f"tokens), {d['windows']} windows x {d['seq_len']} tokens. {env['device']}, {env['dtype']}, "
            f"{env['threads']} CPU thread(s), torch {env['torch']}; measured in {r['wall_seconds']:.0f} s.", ""]
-    for section in (md_summary, md_quality, md_reuse, md_cache_study, md_pareto, md_decode, md_peers):
+    for section in (md_summary, md_quality, md_reuse, md_cache_study, md_pareto, md_decode, md_llama, md_peers):
         out += section(r)
     return "\n".join(out)
 
@@ -1020,6 +1213,14 @@ def parse_args(argv=None):
     g.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda if available, else cpu)")
     g.add_argument("--threads", type=int, help="torch CPU threads, 0 for torch's choice; small models on a busy "
                                                f"machine often run faster with 1 {default('threads')}")
+    g = p.add_argument_group("llama.cpp under memory limits")
+    g.add_argument("--llama-multiples", type=float, nargs="+", help="limits leaving room for m x top-k experts per "
+                                                                    f"MoE layer {default('llama_multiples')}")
+    g.add_argument("--llama-tokens", type=int, help=f"test tokens evaluated per run {default('llama_tokens')}")
+    g.add_argument("--llama-repeats", type=int, help=f"runs per model and limit, the median kept "
+                                                     f"{default('llama_repeats')}")
+    g.add_argument("--no-llama", dest="llama", action="store_false", default=None,
+                   help="skip the llama.cpp measurement under memory limits")
     g.add_argument("--no-peers", dest="peers", action="store_false", default=None,
                    help="skip the comparison with transformers' generate")
     g.add_argument("--shape", choices=sorted(SHAPES), help="instead of the base/tuned study: a random checkpoint with "

@@ -399,3 +399,26 @@ def test_shape_study_on_a_small_shape(tmp_path, monkeypatch):
         result["active_bytes_per_token"] / result["gemv_bandwidth_bytes_per_s"] * 1e3)
     assert [r["cache"] for r in result["offload"]["rows"]] == bench.capacity_grid(bench.Settings.decode_multiples, 4, 16)
     assert all(result["peers"]["same_greedy_tokens"].values())  # model.py decodes as transformers does
+
+
+def test_llama_cpp_under_memory_limits(run):
+    """Where llama.cpp and cgroup v1 are there (as root on this project's machines), both models ran at
+    every limit; each limit is the measured overhead + the non-expert bytes + m x top-k experts per
+    layer, recomputed here from the GGUF with the gguf package's own reader."""
+    lm = run["results"]["llama_memory"]
+    missing = bench.memory_cgroup_missing()
+    if missing is not None:
+        assert lm == {"skipped": missing}
+        return
+    import gguf
+    reader = gguf.GGUFReader(str(run["out"] / "gguf" / "base.gguf"))
+    experts = {t.name.split(".")[1]: 0 for t in reader.tensors if "_exps" in t.name}
+    expert_bytes = sum(int(t.n_bytes) for t in reader.tensors if "_exps" in t.name) / len(experts)
+    other = sum(int(t.n_bytes) for t in reader.tensors if "_exps" not in t.name and t.name != "token_embd.weight")
+    E, K = (reader.get_field(f"deepseek2.{k}").contents() for k in ("expert_count", "expert_used_count"))
+    assert {(x["multiple"], x["model"]) for x in lm["rows"]} == {(m, n) for m in bench.QUICK["llama_multiples"]
+                                                                  for n in ("base", "tuned")}
+    for x in lm["rows"]:
+        assert x["limit_bytes"] == int(lm["overhead_bytes"] + other + x["multiple"] * K * len(experts) * expert_bytes / E)
+        assert x["runs"] == 1 and x["time_per_token_s"] > 0 and x["majflt_per_token"] >= 0
+    assert "llama.cpp under a memory limit" in (run["out"] / "results.md").read_text()

@@ -329,10 +329,11 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
+        if x.dtype == torch.float32:  # the same arithmetic in one call: fewer dispatches per decode token
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         # normalise in fp32, cast back *before* the weight: the order transformers uses (matters in bf16)
-        x32 = x if x.dtype == torch.float32 else x.float()  # (a no-op cast still costs a dispatch per token)
-        y = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * (y if y.dtype == x.dtype else y.to(x.dtype))
+        x32 = x.float()
+        return self.weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
 
 
 def rope_frequencies(cfg, dim):
@@ -368,12 +369,11 @@ def yarn_mscale(factor, mscale=1.0):
     return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
 
 
-def apply_rope(x, cos, sin, interleaved):
+def apply_rope(x, cis, interleaved):
     """Rotate x [B, H, T, d] by position: each pair of dims is a complex number multiplied by
-    cos + i sin (T, d/2) of its frequency, in fp32. The interleaved layout pairs (x_2i, x_2i+1), as
-    DeepSeek stores its rope dims; the half layout pairs (x_i, x_{i+d/2}) (NeoX, Qwen, OLMoE, Mixtral)."""
+    cis = a (cos + i sin) (T, d/2) of its frequency, in fp32. The interleaved layout pairs (x_2i, x_2i+1),
+    as DeepSeek stores its rope dims; the half layout pairs (x_i, x_{i+d/2}) (NeoX, Qwen, OLMoE, Mixtral)."""
     xf = x if x.dtype == torch.float32 else x.float()
-    cis = torch.complex(cos, sin)  # (T, d/2)
     if interleaved:
         z = torch.view_as_complex(xf.unflatten(-1, (-1, 2)).contiguous()) * cis  # (B, H, T, d/2)
         out = torch.view_as_real(z).flatten(-2)
@@ -445,7 +445,7 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(hd if per_head else H * hd, cfg.rms_norm_eps)
             self.k_norm = RMSNorm(hd if per_head else KV * hd, cfg.rms_norm_eps)
 
-    def forward(self, x, cos, sin, kv_cache=None):
+    def forward(self, x, cis, kv_cache=None):
         cfg, (B, T, _) = self.cfg, x.shape
         H, KV, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
@@ -457,7 +457,7 @@ class Attention(nn.Module):
         if cfg.qk_norm == "head":  # Qwen3: a norm per head over hd, before rope
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H|KV, T, hd)
-        q, k = apply_rope(q, cos, sin, False), apply_rope(k, cos, sin, False)
+        q, k = apply_rope(q, cis, False), apply_rope(k, cis, False)
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer, k, v)  # (B, KV, S, hd)
         y = attend(q, k, v, hd ** -0.5)  # (B, H, T, hd)
@@ -488,7 +488,7 @@ class MLAttention(nn.Module):
         if cfg.rope_type == "yarn" and m_all:
             self.scale *= yarn_mscale(cfg.rope_parameters["factor"], m_all) ** 2
 
-    def forward(self, x, cos, sin, kv_cache=None):
+    def forward(self, x, cis, kv_cache=None):
         cfg, (B, T, _) = self.cfg, x.shape
         H, dn, dr, dv, r = cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank
         q = self.q_proj(x) if cfg.q_lora_rank is None else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
@@ -496,8 +496,8 @@ class MLAttention(nn.Module):
         q_nope, q_pe = q.split([dn, dr], dim=-1)
         latent, k_pe = self.kv_a_proj_with_mqa(x).split([r, dr], dim=-1)
         latent = self.kv_a_layernorm(latent)  # (B, T, r): the compressed keys and values
-        q_pe = apply_rope(q_pe, cos, sin, cfg.rope_interleave)
-        k_pe = apply_rope(k_pe.view(B, 1, T, dr), cos, sin, cfg.rope_interleave)  # one rope key for all heads
+        q_pe = apply_rope(q_pe, cis, cfg.rope_interleave)
+        k_pe = apply_rope(k_pe.view(B, 1, T, dr), cis, cfg.rope_interleave)  # one rope key for all heads
         if kv_cache is None:  # a whole sequence (training, evaluation): expand keys and values per head
             kv = self.kv_b_proj(latent).view(B, T, H, dn + dv).transpose(1, 2)
             k_nope, v = kv.split([dn, dv], dim=-1)  # (B, H, T, dn), (B, H, T, dv)
@@ -667,8 +667,8 @@ class Block(nn.Module):
         is_moe = layer in cfg.moe_layers
         self.mlp = MoE(cfg, layer, experts_on_disk) if is_moe else MLP(cfg.hidden_size, cfg.intermediate_size)
 
-    def forward(self, x, cos, sin, kv_cache=None):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv_cache)
+    def forward(self, x, cis, kv_cache=None):
+        x = x + self.self_attn(self.input_layernorm(x), cis, kv_cache)
         h = self.post_attention_layernorm(x)
         if isinstance(self.mlp, MoE):
             h, routing = self.mlp(h)
@@ -696,32 +696,34 @@ class Transformer(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
         # trade compute for memory when training: recompute each block in the backward pass
         self.gradient_checkpointing = False
-        self.rope_tables = {}  # device -> (cos, sin) of every position, see `rope`
+        self.rope_tables = {}  # device -> cis of every position so far, see `rope`
 
     def rope(self, start, T, device):
-        """cos, sin (T, rope_dim/2) for positions start .. start+T-1, computed in fp32. A table of all
-        positions so far is kept per device (a pure function's memo), so a decode step slices it."""
+        """cis = a (cos + i sin) (T, rope_dim/2), complex64, for positions start .. start+T-1, computed in fp32
+        (a: YaRN's attention factor, else 1). A table of all positions so far is kept per device (a pure
+        function's memo), so that a decode step slices it."""
         table = self.rope_tables.get(device)
-        if table is None or table[0].shape[0] < start + T:
+        if table is None or table.shape[0] < start + T:
             cfg = self.config
             inv_freq, factor = rope_frequencies(cfg, cfg.qk_rope_head_dim if cfg.mla else cfg.head_dim)
-            pos = torch.arange(max(start + T, 2 * table[0].shape[0] if table else 256), dtype=torch.float32)
-            freqs = torch.outer(pos, inv_freq).to(device)  # (P, rope_dim/2)
-            self.rope_tables[device] = table = freqs.cos() * factor, freqs.sin() * factor
-        return table[0][start:start + T], table[1][start:start + T]
+            pos = torch.arange(max(start + T, 2 * table.shape[0] if table is not None else 256), dtype=torch.float32)
+            freqs = torch.outer(pos, inv_freq)  # (P, rope_dim/2)
+            table = torch.complex(freqs.cos() * factor, freqs.sin() * factor).to(device)
+            self.rope_tables[device] = table
+        return table[start:start + T]
 
     def forward(self, input_ids, return_routing=False, kv_cache=None):
         """input_ids (B, T) -> logits (B, T, V), and with return_routing a list of Routing, one per MoE layer."""
         start = kv_cache.length if kv_cache is not None else 0
-        cos, sin = self.rope(start, input_ids.shape[1], input_ids.device)
+        cis = self.rope(start, input_ids.shape[1], input_ids.device)
         x = self.model.embed_tokens(input_ids)  # (B, T, D)
         routing = []
         recompute = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         for block in self.model.layers:
             if recompute:
-                x, r = torch.utils.checkpoint.checkpoint(block, x, cos, sin, kv_cache, use_reentrant=False)
+                x, r = torch.utils.checkpoint.checkpoint(block, x, cis, kv_cache, use_reentrant=False)
             else:
-                x, r = block(x, cos, sin, kv_cache)
+                x, r = block(x, cis, kv_cache)
             if r is not None:
                 routing.append(r)
         logits = self.lm_head(self.model.norm(x))

@@ -167,9 +167,10 @@ class ExpertSlots:
         # per slot: "loaded" (recorded on the copy stream) and "no longer read" (on the compute stream)
         self.ready = [torch.cuda.Event() for _ in range(capacity)] if cuda else None
         self.free = [torch.cuda.Event() for _ in range(capacity)] if cuda else None
+        self.slot_views = [(self.gate[s], self.up[s], self.down[s]) for s in range(capacity)]  # made once, not per token
 
     def views(self, s):
-        return self.gate[s], self.up[s], self.down[s]  # (F, D), (F, D), (D, F)
+        return self.slot_views[s]  # (F, D), (F, D), (D, F)
 
     def run(self, s, x):
         """The expert in slot s on x (n, D); on CUDA after its load, and marking the slot as read."""

@@ -177,10 +177,10 @@ def resident_cache_aware(net, windows, capacity, bias):
         kv, cached = model.KVCache(), {l: [] for l in cfg.moe_layers}  # least recent first
         for t in range(len(w) - 1):
             ids = w[None, t:t + 1]
-            cos, sin = net.rope(kv.length, 1, ids.device)
+            cis = net.rope(kv.length, 1, ids.device)
             x = net.model.embed_tokens(ids)  # (1, 1, D)
             for block in net.model.layers:
-                x = x + block.self_attn(block.input_layernorm(x), cos, sin, kv)
+                x = x + block.self_attn(block.input_layernorm(x), cis, kv)
                 h = block.post_attention_layernorm(x)
                 if not isinstance(block.mlp, model.MoE):
                     x = x + block.mlp(h)

@@ -151,10 +151,15 @@ class NoRoutedExperts(nn.Module):
         return iter(())
 
 
+def moe_layers(model, layers=None):
+    """The MoE modules of the decoder layers in `layers` (None: all)."""
+    return [b.mlp for b in model.model.layers if isinstance(b.mlp, MoE) and (layers is None or b.mlp.layer in layers)]
+
+
 @contextmanager
-def routed_experts_off(model):
-    """Within the block every MoE layer runs without its routed experts."""
-    moes = [b.mlp for b in model.model.layers if isinstance(b.mlp, MoE)]
+def routed_experts_off(model, layers=None):
+    """Within the block the MoE layers (all, or those in `layers`) run without their routed experts."""
+    moes = moe_layers(model, layers)
     kept = [m.experts for m in moes]
     for m in moes:
         m.experts = NoRoutedExperts()
@@ -167,10 +172,11 @@ def routed_experts_off(model):
 
 @contextmanager
 @torch.no_grad()
-def random_routers(model, seed):
-    """Within the block every router row (one expert's direction) is a random Gaussian row rescaled
-    to the learned row's norm: the same score scale and spread, routing with no knowledge of the text."""
-    gates = [b.mlp.gate for b in model.model.layers if isinstance(b.mlp, MoE)]
+def random_routers(model, seed, layers=None):
+    """Within the block every router row (one expert's direction) of the MoE layers (all, or those in
+    `layers`) is a random Gaussian row rescaled to the learned row's norm: the same score scale and
+    spread, routing with no knowledge of the text."""
+    gates = [m.gate for m in moe_layers(model, layers)]
     kept = [g.weight.detach().clone() for g in gates]
     gen = torch.Generator().manual_seed(seed)
     for g in gates:
@@ -185,23 +191,38 @@ def random_routers(model, seed):
 
 def ablations(model, windows, seeds=(0, 1, 2), batch_size=8):
     """Perplexity on windows (W, T+1) with the learned routers, with random routers (the mean
-    perplexity over `seeds`), and with the routed experts off; and each ablation's relative change."""
-    learned = math.exp(windows_loss(model, windows, batch_size))
-    per_seed = []
+    perplexity over `seeds`), and with the routed experts off; each ablation's relative change; and
+    both ablations one MoE layer at a time (random routers with the first seed), since a method that
+    changes routing everywhere is only tested where routing matters."""
+    def ppl():
+        return math.exp(windows_loss(model, windows, batch_size))
+
+    learned, per_seed, per_layer = ppl(), [], {}
     for seed in seeds:
         with random_routers(model, seed):
-            per_seed.append(math.exp(windows_loss(model, windows, batch_size)))
+            per_seed.append(ppl())
     with routed_experts_off(model):
-        off = math.exp(windows_loss(model, windows, batch_size))
+        off = ppl()
+    for m in moe_layers(model):
+        with random_routers(model, seeds[0], layers=[m.layer]):
+            rr = ppl()
+        with routed_experts_off(model, layers=[m.layer]):
+            ro = ppl()
+        per_layer[str(m.layer)] = {"random_router_change": rr / learned - 1, "routed_experts_off_change": ro / learned - 1}
     random = sum(per_seed) / len(per_seed)
     return {"learned": learned, "random_router": random, "random_router_seeds": per_seed, "routed_experts_off": off,
-            "random_router_change": random / learned - 1, "routed_experts_off_change": off / learned - 1}
+            "random_router_change": random / learned - 1, "routed_experts_off_change": off / learned - 1,
+            "per_layer": per_layer}
 
 
 def print_ablations(a, where="test"):
     print(f"certificate ({where} perplexity): learned routers {a['learned']:.1f} | random routers "
           f"{a['random_router']:.1f} ({a['random_router_change']:+.0%}) | routed experts off "
           f"{a['routed_experts_off']:.1f} ({a['routed_experts_off_change']:+.0%})")
+    if "per_layer" in a:
+        print("  one MoE layer at a time:  " + "  ".join(
+            f"layer {l}: {x['random_router_change']:+.0%} / {x['routed_experts_off_change']:+.0%}"
+            for l, x in a["per_layer"].items()) + "  (random routers / experts off)")
 
 
 def unigram_loss(train, test, vocab_size):

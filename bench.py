@@ -937,13 +937,19 @@ def md_quality(r):
     a = q["ablations"]
     cert = [[LABEL[m], f"{a[m]['learned']:.2f}", f"{a[m]['random_router']:.2f} ({a[m]['random_router_change']:+.0%})",
              f"{a[m]['routed_experts_off']:.2f} ({a[m]['routed_experts_off_change']:+.0%})"] for m in ("base", "tuned")]
+    layers = list(a["base"]["per_layer"])
+    per_layer = [[LABEL[m]] + [f"{a[m]['per_layer'][l]['random_router_change']:+.0%} / "
+                               f"{a[m]['per_layer'][l]['routed_experts_off_change']:+.0%}" for l in layers]
+                 for m in ("base", "tuned")]
     return (["## Quality (all windows)", ""]
             + table(["model", "test loss", "test perplexity", "vs base", "top-1 agreement with base"], rows)
             + ["", "The certificate that this testbed can fail a routing method: perplexity with the learned routers, "
                    f"with random routers (each row a Gaussian of the learned row's norm, mean of "
                    f"{len(a['base']['random_router_seeds'])} seeds), and with the routed experts switched off "
                    "(shared experts, dense layers and attention kept).", ""]
-            + table(["model", "learned routers", "random routers", "routed experts off"], cert) + [""])
+            + table(["model", "learned routers", "random routers", "routed experts off"], cert)
+            + ["", "The same, one MoE layer at a time (perplexity change, random routers / routed experts off):", ""]
+            + table(["model"] + [f"layer {l}" for l in layers], per_layer) + [""])
 
 
 def md_reuse(r):

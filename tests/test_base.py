@@ -81,3 +81,28 @@ def test_base_report_prints_the_certificate(base_run, capsys):
     base.print_base_report(results)
     out = capsys.readouterr().out
     assert "random routers" in out and "routed experts off" in out
+
+
+def test_per_layer_ablations_touch_only_their_layer(net):
+    """One layer at a time: switching off layer l's routed experts equals zeroing only layer l's expert
+    down projections; random routers in layer l leave every other router as it was."""
+    vid, net = net
+    windows = random_ids(net.config.vocab_size, 2, 9, seed=5)
+    a = base.ablations(net, windows, seeds=(0,))
+    learned = math.exp(base.windows_loss(net, windows))
+    layers = net.config.moe_layers
+    assert sorted(a["per_layer"], key=int) == [str(l) for l in layers]
+    for l in layers:
+        zeroed = copy.deepcopy(net)
+        with torch.no_grad():
+            for name, p in zeroed.named_parameters():
+                if name.startswith(f"model.layers.{l}.mlp.experts.") and name.endswith("down_proj.weight"):
+                    p.zero_()
+        want = math.exp(base.windows_loss(zeroed, windows)) / learned - 1
+        assert a["per_layer"][str(l)]["routed_experts_off_change"] == pytest.approx(want, rel=1e-5, abs=1e-9)
+        gates = {b.mlp.layer: b.mlp.gate.weight.detach().clone() for b in net.model.layers
+                 if isinstance(b.mlp, remoe.MoE)}
+        with base.random_routers(net, 0, layers=[l]):
+            for b in net.model.layers:
+                if isinstance(b.mlp, remoe.MoE):
+                    assert torch.equal(b.mlp.gate.weight, gates[b.mlp.layer]) == (b.mlp.layer != l)

@@ -22,7 +22,6 @@ model.safetensors, tokenizer.json), so transformers loads it unchanged.
     python base.py --data notes/ --glob "**/*.md" --out runs/notes   # the same recipe on your own text
 """
 
-import argparse
 import hashlib
 import json
 import math
@@ -40,7 +39,7 @@ from tqdm import tqdm
 import cache
 import router
 from data import DataConfig, eval_windows, prepare_data, random_batch, require_windows
-from model import DEFAULT_RUN, MoE, UserError, atomic_write, build_model, remove_stale_temps, save_model, user_errors
+from model import DEFAULT_RUN, ArgumentParser, MoE, UserError, atomic_write, build_model, remove_stale_temps, save_model, user_errors
 
 # ----------------------------------------------------------------------------------------------
 # The default base model: small enough to pretrain on 2 CPU cores in about 5 minutes, shaped like
@@ -475,7 +474,7 @@ def prepare_flags(args):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Build the default base model (a small DeepSeek-V2-style MoE pretrained "
+    p = ArgumentParser(description="Build the default base model (a small DeepSeek-V2-style MoE pretrained "
                                             "on the Python stdlib) in OUT/base, or report it when it exists.")
     p.add_argument("--out", default=str(DEFAULT_RUN),
                    help="run folder: the model goes to OUT/base, the token cache to OUT/data (default: %(default)s)")

@@ -36,7 +36,6 @@ Mazur (2023) for the per-layer LRU expert cache.
 Shapes: W windows, T tokens per window, L MoE layers, K top-k, E routed experts, V vocabulary.
 """
 
-import argparse
 import json
 import math
 import os
@@ -1180,7 +1179,7 @@ def parse_args(argv=None):
         quick = f"; --quick: top-k x {show(QUICK[name])}{extra}" if name in QUICK else ""
         return f"(default: top-k x {show(getattr(d, name))}{extra}{quick})"
 
-    p = argparse.ArgumentParser(description="Measure what ReMoE saves and costs against its base model and against "
+    p = model.ArgumentParser(description="Measure what ReMoE saves and costs against its base model and against "
                                             "cache-aware routing, in one run.")
     g = p.add_argument_group("models and data")
     g.add_argument("--base", help=f"base checkpoint folder {default('base')}")

@@ -42,7 +42,6 @@ language models with offloading" (2023) for the per-layer LRU expert cache.
 Shapes: T tokens, E routed experts, K top-k, D hidden, F expert width, L MoE layers, S steps.
 """
 
-import argparse
 import math
 import mmap
 import os
@@ -484,7 +483,7 @@ def read_bandwidth(store, experts, seed=0):
 # Command line: hit rates of every policy on a text's routing, or the store's read bandwidth
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Replay a model's routing of a text through expert caches, "
+    p = model.ArgumentParser(description="Replay a model's routing of a text through expert caches, "
                                             "or measure how fast experts are read from disk.")
     p.add_argument("--model", default=None, help=f"checkpoint folder (default: {model.DEFAULT_TUNED_DIR} if it "
                                                  f"exists, else {model.DEFAULT_BASE_DIR})")

@@ -26,7 +26,6 @@ Examples:
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
@@ -43,7 +42,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from tqdm import tqdm
 
-from model import UserError, atomic_write, user_errors
+from model import ArgumentParser, UserError, atomic_write, user_errors
 
 EOT = "<|endoftext|>"  # document separator, GPT-2's name for it
 SPLITS = ("train", "val", "test")
@@ -401,7 +400,7 @@ def eval_windows(tokens: np.ndarray, seq_len: int, max_windows: int) -> torch.Te
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description="Read, split and tokenize a corpus; print its statistics.")
+    p = ArgumentParser(description="Read, split and tokenize a corpus; print its statistics.")
     g = p.add_argument_group("corpus")
     g.add_argument("--data", default=DataConfig.data,
                    help="text file, folder or .jsonl with a 'text' field (default: the Python stdlib)")

@@ -27,7 +27,6 @@ Shapes (torch order; ggml's `ne` is the reverse): D hidden, E routed experts, F 
 H heads, r kv_lora_rank, dn / dv / dr nope / value / rope head dims, V vocab.
 """
 
-import argparse
 import json
 import math
 import os
@@ -40,7 +39,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from model import (UserError, atomic_write, load_model, read_config, rope_frequencies, stored_dtype, user_errors,
+from model import (ArgumentParser, UserError, atomic_write, load_model, read_config, rope_frequencies, stored_dtype, user_errors,
                    yarn_mscale)
 
 # ----------------------------------------------------------------------------------------------
@@ -505,7 +504,7 @@ def patch_gguf(tuned_dir, base_gguf, out):
 # Command line
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Export a model.py checkpoint (e.g. a ReMoE-tuned one) to a GGUF that "
+    p = ArgumentParser(description="Export a model.py checkpoint (e.g. a ReMoE-tuned one) to a GGUF that "
                                             "llama.cpp runs, or patch its routers into an existing GGUF.")
     p.add_argument("model", help="model folder in Hugging Face layout (config.json, *.safetensors, tokenizer.json)")
     p.add_argument("--gguf", metavar="OUT.gguf", help="the GGUF file to write (required; written atomically)")

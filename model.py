@@ -79,6 +79,15 @@ def user_errors():
         sys.exit(2)
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, with a bad flag reported like every other bad input: one `error:` line, status 2
+    (argparse's own prints the whole usage first); --help still shows the usage."""
+
+    def error(self, message):
+        print(f"error: {message} (see --help)", file=sys.stderr)
+        sys.exit(2)
+
+
 def pick_device(requested=None):
     """(device, reason): the --device flag when given, else CUDA when present, else the CPU."""
     if requested:
@@ -1029,7 +1038,7 @@ def count_parameters(model):
 # Command line: a summary of a checkpoint, or a short generation
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Load a MoE checkpoint with model.py; summarise it or continue a prompt.")
+    p = ArgumentParser(description="Load a MoE checkpoint with model.py; summarise it or continue a prompt.")
     p.add_argument("--model", default=str(DEFAULT_BASE_DIR), help="checkpoint folder in Hugging Face layout "
                                                                  "(default: %(default)s)")
     p.add_argument("--prompt", default=None, help="text to continue, greedily (needs tokenizer.json in the folder)")

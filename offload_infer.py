@@ -43,7 +43,6 @@ expert loading beyond one layer ahead, quantized compute, and multi-GPU.
 Shapes: T tokens in the step, D hidden, E routed experts, K top-k, F expert width, C slots per layer.
 """
 
-import argparse
 import math
 import os
 import sys
@@ -595,7 +594,7 @@ class TextStream:
 
 def parse_args(argv=None):
     d = OffloadConfig()
-    p = argparse.ArgumentParser(description="Decode with routed experts on disk and an expert cache per MoE layer.")
+    p = model.ArgumentParser(description="Decode with routed experts on disk and an expert cache per MoE layer.")
     g = p.add_argument_group("model and prompt")
     g.add_argument("--model", default=None, help=f"checkpoint folder (default: {model.DEFAULT_TUNED_DIR} if it "
                                                  f"exists, else {model.DEFAULT_BASE_DIR})")

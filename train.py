@@ -51,7 +51,7 @@ from tqdm import tqdm
 import base
 import router
 from data import DataConfig, prepare_data, random_batch, require_windows
-from model import (DEFAULT_RUN, UserError, atomic_write, disk_name, load_model, pick_device, pick_dtype, read_config,
+from model import (DEFAULT_RUN, ArgumentParser, UserError, atomic_write, disk_name, load_model, pick_device, pick_dtype, read_config,
                    stored_dtype, user_errors)
 
 # ----------------------------------------------------------------------------------------------
@@ -397,7 +397,7 @@ def sweep(args):
 # Command line: the ReMoE flags here, the data, base-model and run flags shared with base.py
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="ReMoE: fine-tune the routers of a MoE so that consecutive tokens reuse "
+    p = ArgumentParser(description="ReMoE: fine-tune the routers of a MoE so that consecutive tokens reuse "
                                             "experts. With no --model, uses the default base model (base.py), "
                                             "built first when it is missing.")
     g = p.add_argument_group("model and output")

@@ -336,8 +336,8 @@ def sweep_models(folder, base):
         settings = json.loads(results.read_text()).get("settings", {})
         check_pair(base, results.parent)
         found.append({"path": str(results.parent), "anchor": settings.get("anchor", "distill"),
-                      "lambda": float(settings.get("reuse_weight", math.nan))})
-    return sorted(found, key=lambda m: (m["anchor"], m["lambda"]))
+                      "reuse_set": settings.get("reuse_set", "window"), "lambda": float(settings.get("reuse_weight", math.nan))})
+    return sorted(found, key=lambda m: (m["anchor"], m["reuse_set"], m["lambda"]))
 
 
 def pareto_front(points):
@@ -801,7 +801,8 @@ def run(s, log=print):
                                "dtype_reason": dtype_why, "threads": torch.get_num_threads(),
                                "torch": torch.__version__}}
     traces = {}
-    control = next((m for m in sweep if m["lambda"] == 0 and m["anchor"] == anchor_of(s.tuned)), None)
+    control = next((m for m in sweep if m["lambda"] == 0 and m["anchor"] == anchor_of(s.tuned)
+                    and m["reuse_set"] == "window"), None)
     progress = Progress(2 + 2 * len(cache.POLICIES) * len(caps) + len(sweep)
                         + len(s.cache_bias) * (2 + (control is not None)) + len(dec_caps) + s.llama + s.peers)
 
@@ -840,7 +841,8 @@ def run(s, log=print):
             families["lambda=0 control + cache-aware"] = [point]
             runs["lambda=0 control + cache-aware"] = (m["path"], Path(m["path"]))
         elif m["lambda"] > 0:
-            families.setdefault(f"ReMoE lambda sweep ({m['anchor']})", []).append(point)
+            trained_for = ", trained for the LRU cache" if m["reuse_set"] == "cache" else ""
+            families.setdefault(f"ReMoE lambda sweep ({m['anchor']}{trained_for})", []).append(point)
         progress.tick()
     for bias in s.cache_bias:
         for family, (name, path) in runs.items():

@@ -276,6 +276,20 @@ def simulate(traces, policy, capacity, options=None):
                      torch.tensor(misses, dtype=torch.long).reshape(S, L), torch.tensor(tokens, dtype=torch.long))
 
 
+def cached_before(indices, capacity, num_experts, policy="lru"):
+    """(B, T, E) bool: the experts a cache of `capacity` experts (one per sequence, cold at its start)
+    holds just before each token, replaying indices (B, T, K) of one MoE layer with the step rule. ReMoE
+    trained for the device's cache uses this as its recent set instead of the last w tokens' experts."""
+    B, T, _ = indices.shape
+    held = torch.zeros(B, T, num_experts, dtype=torch.bool)
+    for b, seq in enumerate(indices.tolist()):
+        c = ExpertCache(capacity, policy)
+        for t, experts in enumerate(seq):
+            held[b, t, list(c.slot_of)] = True
+            c.request(needed_experts([experts]))
+    return held.to(indices.device)
+
+
 def sweep(traces, capacities, policies=POLICIES, options=None):
     """{(policy, capacity): SimResult} for every combination: the table a hit-rate study reports."""
     return {(p, c): simulate(traces, p, c, options) for p in policies for c in capacities}

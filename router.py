@@ -72,7 +72,7 @@ def recent_experts_mask(indices, num_experts, window=1):
 # losses
 
 
-def layer_reuse_loss(indices, scores, window=1, eps=1e-6):
+def layer_reuse_loss(indices, scores, window=1, eps=1e-6, recent=None):
     """Reuse loss of one MoE layer: mean over tokens t >= 1 of -log(sum_{e in R_t} p_e + eps).
 
     p is `normalize_scores(scores)`, R_t is `recent_experts_mask`. Why -log(mass) rather than
@@ -90,17 +90,23 @@ def layer_reuse_loss(indices, scores, window=1, eps=1e-6):
         t=0 has no history; loss = (-log 0.5 - log 0.25) / 2 = 1.5 log 2 = 1.0397...
 
     (reuse_rate of the same routing: t=1 reuses its expert, t=2 does not, so 0.5.)
+
+    `recent` (B, T, E) bool, optional, replaces R_t: e.g. what the device's expert cache holds before
+    each token (cache.cached_before), instead of the last w tokens' experts.
     """
     E = scores.shape[-1]
-    recent, valid = recent_experts_mask(indices, E, window)  # (B, T, E), (B, T)
+    mask, valid = recent_experts_mask(indices, E, window)  # (B, T, E), (B, T)
+    recent = mask if recent is None else recent
     p = normalize_scores(scores)  # (B, T, E)
     mass = (p * recent).sum(dim=-1)  # (B, T): router probability on R_t
     return -torch.log(mass[valid] + eps).mean()
 
 
-def reuse_loss(routing, window=1, eps=1e-6):
-    """Reuse loss of the whole model: `layer_reuse_loss` averaged over MoE layers."""
-    losses = [layer_reuse_loss(r.indices, r.scores, window, eps) for r in routing]
+def reuse_loss(routing, window=1, eps=1e-6, recent=None):
+    """Reuse loss of the whole model: `layer_reuse_loss` averaged over MoE layers (`recent`: one
+    R_t mask per layer, or None for the last `window` tokens' experts)."""
+    recent = recent or [None] * len(routing)
+    losses = [layer_reuse_loss(r.indices, r.scores, window, eps, m) for r, m in zip(routing, recent)]
     return torch.stack(losses).mean()
 
 

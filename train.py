@@ -49,6 +49,7 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 import base
+import cache
 import router
 from data import DataConfig, prepare_data, random_batch, require_windows
 from model import (DEFAULT_RUN, ArgumentParser, UserError, atomic_write, disk_name, load_model, pick_device, pick_dtype, read_config,
@@ -129,6 +130,7 @@ def remoe_key(args, base_id, corpus, compute, world):
     return {"--model": base_id, "--data": base.corpus_identity(args, corpus), "--glob": args.glob,
             "--device": compute, "processes (torchrun)": world, "--fsdp": args.fsdp,
             "--reuse-weight": args.reuse_weight, "--window": args.window, "--balance": args.balance,
+            "--reuse-set": args.reuse_set, "--reuse-cache": args.reuse_cache,
             "--balance-weight": args.balance_weight, "--balance-boost": args.balance_boost,
             "--anchor": args.anchor, "--anchor-weight": args.anchor_weight,
             "--kl-margin": args.kl_margin if args.anchor == "router-kl" else None, "--lr": args.lr, "--stage-steps": list(args.stage_steps),
@@ -193,7 +195,10 @@ def finetune(args, model, data, out_dir, *, procs, key, started):
                 base_pass = base_model_pass(model, gates, base_weights, inputs) if args.anchor_weight else None
                 logits, routing = procs.model(inputs, return_routing=True)
                 lm = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
-                reuse = router.reuse_loss(routing, window=args.window)
+                recent = None  # R_t: the last --window tokens' experts, or what the device's cache holds
+                if args.reuse_set == "cache":
+                    recent = [cache.cached_before(r.indices, args.reuse_cache or capacity, E) for r in routing]
+                reuse = router.reuse_loss(routing, window=args.window, recent=recent)
                 bal = router.balance_loss(routing, E, kind=args.balance, reduce=reduce)
                 loss = lm + lam * reuse + beta * bal
                 if base_pass is not None:
@@ -373,16 +378,17 @@ def print_summary(s):
           f"LRU hit @{s['lru_cache']} {s['lru_hit_base']:.3f} -> {s['lru_hit_tuned']:.3f}")
 
 
-def sweep_dir(out, anchor, lam):
+def sweep_dir(out, anchor, lam, reuse_set="window"):
     """Where --sweep puts the run of one reuse weight (bench.py finds them there for its Pareto front)."""
-    return Path(out) / "sweep" / f"{anchor}-lambda{lam:g}"
+    return Path(out) / "sweep" / f"{anchor}{'-cache' if reuse_set == 'cache' else ''}-lambda{lam:g}"
 
 
 def sweep(args):
     """--sweep: fine-tune once per reuse weight and print reuse vs quality side by side."""
     rows = []
     for lam in args.sweep:
-        sub = argparse.Namespace(**{**vars(args), "reuse_weight": lam, "out": str(sweep_dir(args.out, args.anchor, lam))})
+        out = sweep_dir(args.out, args.anchor, lam, args.reuse_set)
+        sub = argparse.Namespace(**{**vars(args), "reuse_weight": lam, "out": str(out)})
         rows.append((lam, run_remoe(sub)))
     if rows[0][1] is None:  # not the first process
         return
@@ -411,6 +417,12 @@ def parse_args(argv=None):
                    help="lambda: weight of the reuse loss (default: %(default)s)")
     g.add_argument("--window", type=int, default=1,
                    help="w: experts of the previous w tokens count as recent (default: %(default)s)")
+    g.add_argument("--reuse-set", choices=("window", "cache"), default="window",
+                   help="R_t, the experts the reuse loss rewards: those of the last --window tokens (the paper), or "
+                        "those an LRU cache of --reuse-cache experts per layer holds before the token, simulated on "
+                        "the routing during training (default: %(default)s)")
+    g.add_argument("--reuse-cache", type=int, default=0,
+                   help="with --reuse-set cache: the cache size per MoE layer (default: 2 x top-k)")
     g.add_argument("--balance-weight", type=float, default=0.3, help="beta: weight of the load-balance loss "
                                                                      "(default: %(default)s)")
     g.add_argument("--balance", choices=("switch", "sequence"), default="switch",
@@ -470,6 +482,8 @@ def prepare_flags(args):
             raise UserError(f"{flag} must be >= 0, got {value}")
     if args.window < 1:
         raise UserError(f"--window must be >= 1, got {args.window}")
+    if args.reuse_cache < 0:
+        raise UserError(f"--reuse-cache must be >= 1 (0: 2 x top-k), got {args.reuse_cache}")
     if not args.lr > 0:
         raise UserError(f"--lr must be > 0, got {args.lr}")
     if args.rebuild_base and not args.default_model:

@@ -393,3 +393,21 @@ def test_read_bandwidth_counts_bytes(tiny):
         experts = list(store.parts)[:4]
         assert cache.read_bandwidth(store, experts) > 0
         assert store.bytes_read == 5 * store.expert_bytes  # one scratch read + four timed reads
+
+
+def test_cached_before_is_the_cache_content_before_each_token():
+    """cache.cached_before against tests/oracles.py's plain-list LRU: before token t the mask holds the
+    experts the list holds after tokens 0..t-1 (empty at t = 0), sequence by sequence."""
+    g = torch.Generator().manual_seed(3)
+    scores = torch.randn(2, 25, 10, generator=g)
+    scores[:, 1:] += 1.5 * scores[:, :-1]
+    indices = scores.topk(3, dim=-1).indices  # (B, T, K)
+    held = cache.cached_before(indices, 5, 10)
+    for b, seq in enumerate(indices.tolist()):
+        for t in range(len(seq)):
+            cached = []
+            for experts in seq[:t]:  # the oracle's rule, replayed up to token t
+                keep = [e for e in cached if e not in experts]
+                cached = keep[max(0, len(keep) + len(experts) - 5):] + list(experts)
+            assert set(torch.nonzero(held[b, t]).flatten().tolist()) == set(cached), (b, t)
+    assert lru_hits(indices[0].tolist(), 5) == sum(held[0, t, e].item() for t, ex in enumerate(indices[0].tolist()) for e in ex)

@@ -455,3 +455,19 @@ def test_routing_report():
     assert rep["reuse"][2] >= rep["reuse"][1]
     assert len(rep["load_max_over_mean"]) == len(rep["load_cv"]) == 3
     assert "lru_hit_rate" not in rep  # cache hit rates are cache.py's
+
+
+def test_reuse_loss_with_a_given_recent_set():
+    """`recent` replaces R_t: with the window's own mask it is the same loss; with another set the mass
+    is taken on that set (brute force)."""
+    logits, r = random_routing(5)
+    mask, _ = router.recent_experts_mask(r.indices, 8, 2)
+    assert_close(router.layer_reuse_loss(r.indices, r.scores, 2, recent=mask), router.layer_reuse_loss(r.indices, r.scores, 2))
+    g = torch.Generator().manual_seed(1)
+    other = torch.rand(2, 10, 8, generator=g) < 0.4  # any set per token
+    want = []
+    for b in range(2):
+        for t in range(1, 10):
+            mass = sum(r.scores[b, t, e].item() for e in range(8) if other[b, t, e])
+            want.append(-math.log(mass + 1e-6))
+    assert_close(router.layer_reuse_loss(r.indices, r.scores, recent=other), sum(want) / len(want), 1e-5)

@@ -54,7 +54,7 @@ ENCODE_BATCH_DOCS = 256  # documents per encode_batch call: big enough to keep a
 class DataConfig:
     data: str | None = None  # None: the Python standard library; else a text file, folder or .jsonl
     glob: str = "**/*"  # which files of a --data folder to read
-    vocab_size: int = 8192  # BPE vocabulary when we train the tokenizer ourselves
+    vocab_size: int = 2048  # BPE vocabulary when we train the tokenizer ourselves (the default base model's)
     val_fraction: float = 0.05
     test_fraction: float = 0.05
     chunk_chars: int = 2000  # a single --data file is cut into documents of about this size

@@ -419,6 +419,9 @@ def read_gguf(path):
     path = Path(path)
     if not path.is_file():
         raise UserError(f"--patch-gguf {path}: no such file")
+    with open(path, "rb") as f:
+        if f.read(4) != b"GGUF":  # every GGUF starts with these 4 bytes; anything else is another kind of file
+            raise UserError(f"--patch-gguf {path}: not a GGUF file (it does not start with the bytes 'GGUF')")
     try:
         return gguf.GGUFReader(path)
     except (ValueError, IndexError, OSError) as e:  # the reader says "GGUF magic invalid" and the like

@@ -416,12 +416,15 @@ def test_cli_bad_input_is_one_line(checkpoint, exported, tmp_path):
     out = str(tmp_path / "out" / "x.gguf")
     not_gguf = tmp_path / "notes.gguf"
     not_gguf.write_text("not a gguf file\n")
+    cut = tmp_path / "cut.gguf"  # a GGUF's magic, then the file ends inside its key/values
+    cut.write_bytes(base.read_bytes()[:100])
     cases = {
         "missing folder": ([str(tmp_path / "nope"), "--gguf", out], "model folder does not exist"),
         "no --gguf": ([str(good)], "--gguf OUT.gguf is required"),
         "unknown dtype": ([str(good), "--gguf", out, "--dtype", "q4"], "--dtype must be one of f32, f16, bf16, q8_0"),
         "output is a folder": ([str(good), "--gguf", str(tmp_path)], "is a folder"),
-        "patch: not a GGUF": ([str(good), "--patch-gguf", str(not_gguf), "--gguf", out], "not a readable GGUF"),
+        "patch: not a GGUF": ([str(good), "--patch-gguf", str(not_gguf), "--gguf", out], "not a GGUF file"),
+        "patch: truncated GGUF": ([str(good), "--patch-gguf", str(cut), "--gguf", out], "not a readable GGUF"),
         "patch: with --dtype": ([str(good), "--patch-gguf", str(base), "--gguf", out, "--dtype", "f16"],
                                 "--dtype applies to a full export"),
     }

@@ -156,7 +156,7 @@ def windows_loss(model, windows, batch_size=8, with_routing=False):
 # random router). Two ablations show it: random routers, and the routed experts switched off.
 
 class NoRoutedExperts(nn.Module):
-    """An experts provider (model.Experts' two methods) that provides no expert: the MoE layer then
+    """An experts provider (model.Experts' three methods) that provides no expert: the MoE layer then
     returns only its shared part (zero where there are no shared experts)."""
 
     def bonus(self):
@@ -164,6 +164,9 @@ class NoRoutedExperts(nn.Module):
 
     def fetch(self, indices, x):
         return iter(())
+
+    def run(self, x, indices, weights):
+        return torch.zeros_like(x)
 
 
 def moe_layers(model, layers=None):

@@ -616,10 +616,11 @@ def run_experts(x, indices, weights, experts):
 
 class Experts(nn.ModuleList):
     """The E routed experts of one MoE layer, all in memory: the resident experts provider.
-    A provider answers two questions of the MoE layer: a bonus to add to the router's scores before
-    the top-k (none here), and "give me these experts". offload_infer.py swaps in a provider with the
-    same two methods that holds a few experts in a cache and reads the others from disk, so the decoder
-    loop and this layer exist once."""
+    A provider answers three questions of the MoE layer: a bonus to add to the router's scores before
+    the top-k (none here), "give me these experts", and "what do these experts add to x" (here the
+    reference loop, run_experts). offload_infer.py swaps in a provider with the same three methods that
+    holds a few experts in a cache and reads the others from disk, so the decoder loop and this layer
+    exist once."""
 
     def bonus(self):
         return None
@@ -630,6 +631,10 @@ class Experts(nn.ModuleList):
             raise RuntimeError("routed experts were left on disk (experts_on_disk=True); decode with offload_infer.py")
         for e in sorted(set(indices.flatten().tolist())):
             yield e, self[e]
+
+    def run(self, x, indices, weights):
+        """The routed part of the layer's output for x (N, D): sum over k of weights * expert(x)."""
+        return run_experts(x, indices, weights, self)
 
 
 class MoE(nn.Module):
@@ -661,7 +666,7 @@ class MoE(nn.Module):
         B, T, D = x.shape
         flat = x.reshape(B * T, D)
         indices, weights, scores = self.gate(flat, self.experts.bonus())  # (N, K), (N, K), (N, E)
-        y = run_experts(flat, indices, weights, self.experts) + self.shared(flat)
+        y = self.experts.run(flat, indices, weights) + self.shared(flat)
         K = indices.shape[-1]
         routing = Routing(self.layer, indices.view(B, T, K), weights.view(B, T, K), scores.view(B, T, -1))
         return y.view(B, T, D), routing

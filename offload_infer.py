@@ -4,12 +4,13 @@ experts per MoE layer in preallocated slots.
 
 What it teaches: offloading is a different *experts provider* inside each MoE layer, not a
 different model. model.py's MoE layer asks its provider for the experts its router chose
-(model.run_experts); the resident provider has them all, this file's `OffloadedExperts` has
+and for their output; the resident provider has them all, this file's `OffloadedExperts` has
 `capacity` slots and, per forward pass: looks the chosen experts up in its cache (cache.py's
 ExpertCache), loads the misses from the safetensors files into the slots of evicted experts
-(cache.py's ExpertStore), lets the layer compute with the slot weights, and records hits, misses
-and routing in one `Record`. So the decode step reads, layer by layer: route, look up the cache,
-load the misses, compute, record; the decoder loop itself exists once, in model.py. Everything
+(cache.py's ExpertStore), computes with the slot weights (a decode token's K small experts in one
+batched matmul, else model.run_experts' loop), and records hits, misses and routing in one
+`Record`. So the decode step reads, layer by layer: route, look up the cache, load the misses,
+compute, record; the decoder loop itself exists once, in model.py. Everything
 except the routed experts (embeddings, attention, norms, routers, shared experts, dense layers,
 head) is loaded once and stays resident, and the expert memory is fixed before the first token.
 A prompt is one batched step: each expert any prompt token chose is loaded once per layer
@@ -150,39 +151,63 @@ class Record:
 # ----------------------------------------------------------------------------------------------
 # Slots and loads: the cache's memory, allocated once, and how an expert gets into a slot
 
-def swiglu(x, gate, up, down):
-    """One expert on its tokens x (n, D) -> (n, D): down @ (silu(gate @ x) * (up @ x)), as model.MLP."""
-    return F.linear(F.silu(F.linear(x, gate)) * F.linear(x, up), down)
+def swiglu(x, gate_up, down):
+    """One expert on its tokens x (n, D) -> (n, D): down @ (silu(gate @ x) * (up @ x)), as model.MLP, with
+    gate and up stacked as gate_up (2F, D) so that one matmul computes both."""
+    g, u = F.linear(x, gate_up).chunk(2, dim=-1)  # (n, F) each
+    return F.linear(F.silu(g) * u, down)
 
 
 class ExpertSlots:
     """Weights of `capacity` experts of one MoE layer; slot s holds whichever expert the cache put there."""
 
     def __init__(self, capacity, D, F_, dtype, device):
-        self.gate = torch.zeros(capacity, F_, D, dtype=dtype, device=device)  # (C, F, D)
-        self.up = torch.zeros(capacity, F_, D, dtype=dtype, device=device)    # (C, F, D)
-        self.down = torch.zeros(capacity, D, F_, dtype=dtype, device=device)  # (C, D, F)
+        self.gate_up = torch.zeros(capacity, 2 * F_, D, dtype=dtype, device=device)  # (C, 2F, D): gate rows, then up
+        self.down = torch.zeros(capacity, D, F_, dtype=dtype, device=device)         # (C, D, F)
         cuda = torch.device(device).type == "cuda"
         # per slot: "loaded" (recorded on the copy stream) and "no longer read" (on the compute stream)
         self.ready = [torch.cuda.Event() for _ in range(capacity)] if cuda else None
         self.free = [torch.cuda.Event() for _ in range(capacity)] if cuda else None
-        self.slot_views = [(self.gate[s], self.up[s], self.down[s]) for s in range(capacity)]  # made once, not per token
+        # (gate (F, D), up (F, D), down (D, F)) per slot, the store's order: made once, not per token
+        self.slot_views = [(*self.gate_up[s].chunk(2), self.down[s]) for s in range(capacity)]
 
     def views(self, s):
-        return self.slot_views[s]  # (F, D), (F, D), (D, F)
+        return self.slot_views[s]
+
+    def wait(self, slots):
+        """On CUDA, make the compute stream wait until these slots' experts are loaded (and only these)."""
+        if self.ready is not None:
+            for s in slots:
+                torch.cuda.current_stream(self.gate_up.device).wait_event(self.ready[s])
+
+    def done(self, slots):
+        """On CUDA, mark these slots as read, after every kernel that reads them has been queued."""
+        if self.free is not None:
+            for s in slots:
+                self.free[s].record()
 
     def run(self, s, x):
-        """The expert in slot s on x (n, D); on CUDA after its load, and marking the slot as read."""
-        if self.ready is not None:
-            torch.cuda.current_stream(x.device).wait_event(self.ready[s])  # wait for this expert only
-        y = swiglu(x, *self.views(s))
-        if self.free is not None:
-            self.free[s].record()  # after every kernel that reads the slot has been queued
+        """The expert in slot s on x (n, D)."""
+        self.wait([s])
+        y = swiglu(x, self.gate_up[s], self.down[s])
+        self.done([s])
         return y
+
+    def run_together(self, slots, x, weights):
+        """sum_k weights[0, k] * (expert in slots[k])(x) for one token x (1, D): one gather of the K slots and
+        two batched matmuls instead of K expert calls, the same arithmetic in fewer dispatches."""
+        self.wait(slots)
+        s = torch.tensor(slots, device=x.device)
+        h = self.gate_up.index_select(0, s) @ x[0]                          # (K, 2F, D) @ (D,) -> (K, 2F)
+        g, u = h.chunk(2, dim=-1)                                            # (K, F) each
+        a = F.silu(g) * u * weights[0, :, None].to(x.dtype)                  # (K, F), each expert's weight applied
+        y = torch.bmm(self.down.index_select(0, s), a.unsqueeze(-1)).sum(0)  # (K, D, F) @ (K, F, 1) -> (D, 1)
+        self.done(slots)
+        return y.view(1, -1)
 
     @property
     def nbytes(self):
-        return sum(t.numel() * t.element_size() for t in (self.gate, self.up, self.down))
+        return sum(t.numel() * t.element_size() for t in (self.gate_up, self.down))
 
 
 class ExpertLoader:
@@ -225,7 +250,14 @@ class ExpertLoader:
 
 class OffloadedExperts(nn.Module):
     """The routed experts of one MoE layer as the engine holds them: `capacity` slots filled from
-    disk on demand. Same two methods as model.Experts: `bonus` (cache-aware routing) and `fetch`."""
+    disk on demand. Same three methods as model.Experts: `bonus` (cache-aware routing), `fetch`
+    and `run`."""
+
+    # One token's K experts are computed together when their weights total less than this: a gather of
+    # small experts costs about one matmul, and saves K - 1 of them plus 3 (K - 1) elementwise calls (the
+    # default model: 4 x 147 KB). Larger experts are memory-bound matrix-vector products, and a gather
+    # would copy every weight once more before reading it (DeepSeek-V2-Lite: 6 x 17 MB).
+    TOGETHER_BELOW_BYTES = 4 << 20
 
     def __init__(self, layer, n_experts, slots, cache, loader, record, cache_bias=0.0, after=None):
         super().__init__()
@@ -237,14 +269,19 @@ class OffloadedExperts(nn.Module):
         """(E,) cache_bias on the experts cached now, or None for plain routing."""
         if not self.cache_bias:
             return None
-        bonus = torch.zeros(self.n_experts, device=self.slots.gate.device)
+        bonus = torch.zeros(self.n_experts, device=self.slots.gate_up.device)
         bonus[list(self.cache.slot_of)] = self.cache_bias
         return bonus
 
     def fetch(self, indices, x):
-        """route -> look up -> load -> (the layer computes) -> record. Experts come in order of first
-        appearance (for one token: its top-k order), as cache.simulate replays them, one at a time,
-        so that below K slots each is used before it is evicted."""
+        """(expert id, the expert in its slot) for every expert that `indices` (T, K) selects."""
+        for e, slot in self.admit(indices, x):
+            yield e, partial(self.slots.run, slot)
+
+    def admit(self, indices, x):
+        """route -> look up -> load -> (the layer computes) -> record: yields (expert id, slot). Experts
+        come in order of first appearance (for one token: its top-k order), as cache.simulate replays
+        them, one at a time, so that below K slots each is used before it is evicted."""
         ids = indices.tolist()  # (T, K) chosen experts, on the host: the cache is Python
         needed = needed_experts(ids)
         protect = step_protect(needed, self.cache.capacity)
@@ -254,13 +291,24 @@ class OffloadedExperts(nn.Module):
             hits += a.hit
             if not a.hit:
                 self.loader.load(self.layer, e, self.slots, a.slot)
-            yield e, partial(self.slots.run, a.slot)
+            yield e, a.slot
         step = self.record.steps[-1]
         step.routing.append(ids)
         step.hits.append(hits)
         step.misses.append(len(needed) - hits)
         if self.after is not None:
             self.after(self.layer, x)
+
+    def run(self, x, indices, weights):
+        """The routed part of the layer's output for x (N, D): one decode token with small experts that
+        all fit in the cache at once computes them together (ExpertSlots.run_together), in its top-k
+        order; anything else is model.run_experts' loop over `fetch`."""
+        K = indices.shape[-1]
+        small = K * (self.slots.nbytes // self.cache.capacity) < self.TOGETHER_BELOW_BYTES
+        if x.shape[0] == 1 and K <= self.cache.capacity and small:
+            slots = [slot for _, slot in self.admit(indices, x)]  # one token's K ids are distinct: slots[k] holds indices[0, k]
+            return self.slots.run_together(slots, x, weights)
+        return model.run_experts(x, indices, weights, self)
 
     def prefetch(self, experts):
         """Load `experts` ahead, if not cached; not counted as requests."""

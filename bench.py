@@ -87,7 +87,7 @@ class Settings:
     # calls between the K-th and the next expert, to 0.1, more than a top choice's whole score among 32 experts
     sweep: str = str(model.DEFAULT_RUN / "sweep")
     cache_bias: tuple = (0.005, 0.01, 0.02, 0.05, 0.1)
-    pareto_windows: int = 8
+    pareto_windows: int = 16
     # decode: offloaded decoding of the same held-out windows by every contender (teacher forcing)
     decode_capacities: list | None = None
     decode_multiples: tuple = (1, 2, 4)
@@ -294,14 +294,15 @@ def cache_aware(path, windows, capacity, bias, device, dtype):
     its top-1 predictions (N, T) and its routing (N, T, L, K)."""
     opts = oi.OffloadConfig(cache=capacity, policy="lru", cache_bias=bias, device=str(device), dtype=dtype)
     engine = oi.OffloadEngine(path, opts)
-    nll, top1 = 0.0, []
+    nll, top1 = [], []  # summed next-token loss per window, top-1 per token
     try:
         for w in windows:
             engine.reset_cache()  # cold start per window, as in the cache study
             kv, ids = model.KVCache(), w.to(engine.device)
+            nll.append(0.0)
             for t in range(len(w) - 1):
                 logits = engine.step(ids[None, t:t + 1], kv)[0, -1]  # (V,)
-                nll += F.cross_entropy(logits.float()[None], ids[None, t + 1]).item()
+                nll[-1] += F.cross_entropy(logits.float()[None], ids[None, t + 1]).item()
                 top1.append(logits.argmax().item())
     finally:
         engine.close()
@@ -310,7 +311,7 @@ def cache_aware(path, windows, capacity, bias, device, dtype):
     # each step's routing holds, per MoE layer, the one token's K ids
     trace = torch.tensor([[layer[0] for layer in step] for step in engine.record.trace()])  # (N*T, L, K)
     point = {"bias": bias, "hit_rate": tot.hit_rate, "loads_per_token": tot.loads_per_token,
-             "perplexity": perplexity(nll, N * T)}
+             "perplexity": perplexity(sum(nll), N * T), "window_nll": nll}
     return point, torch.tensor(top1).view(N, T), trace.view(N, T, *trace.shape[1:])
 
 
@@ -318,8 +319,16 @@ def plain_point(p, capacity, base_top1):
     """The same figures for a model's plain routing, from its batched pass p (TeacherForced) and LRU replay."""
     r = cache.simulate(cache.token_traces(p.indices), "lru", capacity)
     return {"bias": 0.0, "hit_rate": r.hit_rate, "loads_per_token": r.misses_per_token,
-            "perplexity": perplexity(p.nll.sum().item(), p.top1.numel()),
+            "perplexity": perplexity(p.nll.sum().item(), p.top1.numel()), "window_nll": p.nll.tolist(),
             "top1_agreement_with_base": (p.top1 == base_top1).double().mean().item()}
+
+
+def change_interval(point, base_point, T):
+    """95% interval of the point's perplexity relative to the base model's, from the paired per-window
+    difference of mean next-token loss (the same windows for every point): [low, high] - 1."""
+    diff = [(a - b) / T for a, b in zip(point["window_nll"], base_point["window_nll"])]
+    mean, half = oi.t_interval(diff)
+    return [math.exp(mean - half) - 1, math.exp(mean + half) - 1]
 
 
 def anchor_of(tuned):
@@ -852,7 +861,11 @@ def run(s, log=print):
             families[family].append({"model": name, **point, "trace": key,
                                      "top1_agreement_with_base": (top1 == first["base"].top1).double().mean().item()})
             progress.tick()
-    base_ppl = families["base + cache-aware"][0]["perplexity"]
+    base_point = families["base + cache-aware"][0]
+    for pts in families.values():
+        for p in pts:
+            p["perplexity_change_ci95"] = change_interval(p, base_point, T)
+    base_ppl = base_point["perplexity"]
     results["pareto"] = {"method": PARETO_METHOD, "capacity": capacity, "windows": n, "tokens": n * T,
                          "biases": list(s.cache_bias), "sweep": s.sweep, "families": families,
                          "fronts": {name: pareto_front(pts) for name, pts in families.items()},
@@ -989,16 +1002,18 @@ def md_pareto(r):
             label = (f"lambda {p['lambda']:g}" if "lambda" in p and p["bias"] == 0 else "") + \
                     (f"bias {p['bias']:g}" if p["bias"] else ("" if "lambda" in p else "plain routing"))
             rows.append([family, label, f"{p['hit_rate']:.3f}", f"{p['loads_per_token']:.2f}", f"{p['perplexity']:.3f}",
-                         f"{p['perplexity'] / pa['base_perplexity'] - 1:+.2%}", f"{p['top1_agreement_with_base']:.3f}",
+                         f"{p['perplexity'] / pa['base_perplexity'] - 1:+.2%} [{p['perplexity_change_ci95'][0]:+.1%}, "
+                         f"{p['perplexity_change_ci95'][1]:+.1%}]", f"{p['top1_agreement_with_base']:.3f}",
                          "yes" if p in pa["fronts"][family] else ""])
-    out += table(["approach", "point", "hit rate", "loads / token", "perplexity", "vs base", "top-1 = base",
-                  "on its front"], rows) + [""]
+    out += table(["approach", "point", "hit rate", "loads / token", "perplexity", "vs base (95% CI, paired over windows)",
+                  "top-1 = base", "on its front"], rows) + [""]
     for v in pa["verdict"]:
         reached = {n: h for n, h in v["best_hit_rate"].items() if h is not None}
         ranking = ", ".join(f"{n} {h:.3f}" for n, h in sorted(reached.items(), key=lambda kv: -kv[1]))
         out.append(f"- within +{v['budget']:.1%} perplexity of the base model: "
                    + (f"**{v['winner']}** reaches the highest hit rate ({ranking})" if v["winner"] else "no point"))
-    return out + [""]
+    return out + ["", "A point's place against a budget is only as sure as its interval in the table: where the interval "
+                      "spans the budget, the verdict at that budget could come out the other way on other windows.", ""]
 
 
 def md_decode(r):

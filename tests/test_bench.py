@@ -244,6 +244,8 @@ def test_pareto_points_against_a_resident_loop(run, truth, pair):
                 assert p["hit_rate"] == pytest.approx(hit_rate([r.indices for r in routing], c))
                 ce = F.cross_entropy(logits.flatten(0, 1), windows[:, 1:].flatten()).item()
                 assert p["perplexity"] == pytest.approx(math.exp(ce), rel=1e-5)
+                per_window = F.cross_entropy(logits.transpose(1, 2), windows[:, 1:], reduction="none").sum(1)  # (n,)
+                assert p["window_nll"] == pytest.approx(per_window.tolist(), rel=1e-5)
                 top1 = logits.argmax(-1)
             else:
                 rate, ppl, top1 = resident_cache_aware(net, windows, c, p["bias"])
@@ -252,6 +254,16 @@ def test_pareto_points_against_a_resident_loop(run, truth, pair):
                 trace = torch.from_numpy(run["traces"][p["trace"]].astype(np.int64))  # (L, N, T, K)
                 assert hit_rate(list(trace), c) == pytest.approx(p["hit_rate"])
             assert p["top1_agreement_with_base"] == pytest.approx((top1 == base_top1).double().mean().item())
+            # the perplexity change's interval: a paired t-interval over windows of the loss difference per token,
+            # by hand (Student's t for 95% with n - 1 degrees of freedom, from a printed table)
+            T = windows.shape[1] - 1
+            base_nll = pa["families"]["base + cache-aware"][0]["window_nll"]
+            d = np.array([(a - b) / T for a, b in zip(p["window_nll"], base_nll)])
+            half = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776}[n - 1] * d.std(ddof=1) / math.sqrt(n)
+            # (the table's t has 5 digits: 1e-4 relative on the half-width)
+            assert p["perplexity_change_ci95"] == pytest.approx([math.exp(d.mean() - half) - 1, math.exp(d.mean() + half) - 1],
+                                                                rel=1e-3, abs=1e-8)
+            assert sum(p["window_nll"]) / (n * T) == pytest.approx(math.log(p["perplexity"]), rel=1e-9)
         # the front by brute force: no point has both a higher-or-equal hit rate and a lower-or-equal perplexity
         front = [p for p in pts if not any((q["hit_rate"], -q["perplexity"]) != (p["hit_rate"], -p["perplexity"])
                                            and q["hit_rate"] >= p["hit_rate"] and q["perplexity"] <= p["perplexity"]

@@ -264,6 +264,7 @@ class OffloadedExperts(nn.Module):
         self.layer, self.n_experts, self.slots, self.cache = layer, n_experts, slots, cache
         self.loader, self.record, self.cache_bias = loader, record, cache_bias
         self.after = after  # called with the layer's input after it computed (the engine's prefetch)
+        self.expert_bytes = slots.nbytes // cache.capacity  # one slot's weights
 
     def bonus(self):
         """(E,) cache_bias on the experts cached now, or None for plain routing."""
@@ -279,7 +280,7 @@ class OffloadedExperts(nn.Module):
             yield e, partial(self.slots.run, slot)
 
     def admit(self, indices, x):
-        """route -> look up -> load -> (the layer computes) -> record: yields (expert id, slot). Experts
+        """route -> look up -> load -> (the caller computes) -> record: yields (expert id, slot). Experts
         come in order of first appearance (for one token: its top-k order), as cache.simulate replays
         them, one at a time, so that below K slots each is used before it is evicted."""
         ids = indices.tolist()  # (T, K) chosen experts, on the host: the cache is Python
@@ -296,19 +297,20 @@ class OffloadedExperts(nn.Module):
         step.routing.append(ids)
         step.hits.append(hits)
         step.misses.append(len(needed) - hits)
-        if self.after is not None:
-            self.after(self.layer, x)
 
     def run(self, x, indices, weights):
         """The routed part of the layer's output for x (N, D): one decode token with small experts that
         all fit in the cache at once computes them together (ExpertSlots.run_together), in its top-k
         order; anything else is model.run_experts' loop over `fetch`."""
         K = indices.shape[-1]
-        small = K * (self.slots.nbytes // self.cache.capacity) < self.TOGETHER_BELOW_BYTES
-        if x.shape[0] == 1 and K <= self.cache.capacity and small:
+        if x.shape[0] == 1 and K <= self.cache.capacity and K * self.expert_bytes < self.TOGETHER_BELOW_BYTES:
             slots = [slot for _, slot in self.admit(indices, x)]  # one token's K ids are distinct: slots[k] holds indices[0, k]
-            return self.slots.run_together(slots, x, weights)
-        return model.run_experts(x, indices, weights, self)
+            y = self.slots.run_together(slots, x, weights)
+        else:
+            y = model.run_experts(x, indices, weights, self)
+        if self.after is not None:  # after the layer's compute is queued, so that on CUDA the prefetch overlaps it
+            self.after(self.layer, x)
+        return y
 
     def prefetch(self, experts):
         """Load `experts` ahead, if not cached; not counted as requests."""

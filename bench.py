@@ -104,6 +104,7 @@ class Settings:
     device: str | None = None
     threads: int = 0
     peers: bool = True
+    compile: bool = True        # peers: also the engine with its decode step compiled (offload_infer.py --compile)
     quick: bool = False
     shape: str | None = None    # measure a real model's expert shapes instead (SHAPES)
 
@@ -424,7 +425,7 @@ def llama_cpp(gguf_path, n_ctx, threads):
 
 
 @torch.no_grad()
-def peers(path, prompt, new_tokens, repeats, device, dtype, gguf_dir=None):
+def peers(path, prompt, new_tokens, repeats, device, dtype, gguf_dir=None, compile=True):
     """Decode tokens/s of each contender (best of `repeats`, interleaved), and whether they agree."""
     cfg = model.read_config(path)
     ids = torch.tensor([prompt], device=device)
@@ -450,13 +451,23 @@ def peers(path, prompt, new_tokens, repeats, device, dtype, gguf_dir=None):
             return time.perf_counter() - t1 - (t1 - t0), out
         return run
 
-    def engine_decode():  # DecodeReport times the steps after the first token: new_tokens of them here
-        out, report = engine.generate(prompt, new_tokens + 1)
-        return report.time_per_token_s * new_tokens, out
+    def engine_decode(engine):  # DecodeReport times the steps after the first token: new_tokens of them here
+        def run():
+            out, report = engine.generate(prompt, new_tokens + 1)
+            return report.time_per_token_s * new_tokens, out
+        return run
 
-    runs = {"remoe engine, all experts cached": engine_decode,
+    runs = {"remoe engine, all experts cached": engine_decode(engine),
             "remoe model.generate": minus_prefill(lambda n: model.generate(net, ids, n))}
     agree, notes = {}, []
+    try:  # the same engine with its one-token step compiled (offload_infer.py --cache E --compile)
+        if not compile:
+            raise UserError("left out (--no-compile)")
+        compiled = oi.OffloadEngine(path, replace(engine.opts, compile=True))
+        compiled.generate(prompt, 2)  # compiles here (tens of seconds), outside the timed runs
+        runs["remoe engine, all experts cached, --compile"] = engine_decode(compiled)
+    except Exception as e:  # no C++ compiler, or a torch.compile limitation: report it, keep the rest
+        notes.append(f"--compile: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
     try:
         import transformers
         from transformers import AutoModelForCausalLM
@@ -498,6 +509,8 @@ def peers(path, prompt, new_tokens, repeats, device, dtype, gguf_dir=None):
             if out is not None:
                 agree[name] = out[0, len(prompt):len(prompt) + new_tokens].tolist() == want
     engine.close()
+    if "remoe engine, all experts cached, --compile" in runs:
+        compiled.close()
     tps = {name: new_tokens / s for name, s in best.items()}
     ref = "remoe engine, all experts cached"
     return {"tokens_per_s": tps, "vs_engine": {name: tps[ref] / v for name, v in tps.items()},
@@ -739,7 +752,7 @@ def shape_study(s, name, log=print):
         f"MB (bf16 on disk), top-{K}; computed in float32 on {torch.get_num_threads()} threads; GEMV streams "
         f"{bandwidth / 2**30:.1f} GiB/s, a token reads {need / 1e6:.0f} MB: bound {need / bandwidth * 1e3:.1f} ms/token")
     peer = peers(path, windows[0, :s.prompt_tokens].tolist(), s.decode_tokens, s.repeats, torch.device("cpu"),
-                 torch.float32, Path(s.out) / "shapes" / f"{name}-gguf")
+                 torch.float32, Path(s.out) / "shapes" / f"{name}-gguf", s.compile)
     opts = oi.OffloadConfig(dtype="float32")
     bound = oi.physical_bound(path, windows, s.prompt_tokens, caps, opts, log)
     result = {"shape": name, "config": SHAPES[name], "gemv_bandwidth_bytes_per_s": bandwidth,
@@ -901,7 +914,8 @@ def run(s, log=print):
     if s.peers:
         progress.section("peers")
         prompt = decode_windows[0, :s.prompt_tokens].tolist()
-        results["peers"] = peers(paths["base"], prompt, s.decode_tokens, s.repeats, device, dtype, Path(s.out) / "gguf")
+        results["peers"] = peers(paths["base"], prompt, s.decode_tokens, s.repeats, device, dtype, Path(s.out) / "gguf",
+                                 s.compile)
         progress.tick()
     else:
         results["peers"] = {"skipped": "--no-peers was given"}
@@ -1058,12 +1072,15 @@ def md_peers(r):
     out = ["## Peers: decoding with every expert resident (the base model's checkpoint, the same greedy tokens)", ""]
     if "skipped" in p:
         return out + [f"Skipped: {p['skipped']}.", ""]
-    rows = [[name, f"{tps:.1f}", f"{p['vs_engine'][name]:.2f}x",
-             {True: "yes", False: "no"}.get(p["same_greedy_tokens"].get(name), "fed them")]
-            for name, tps in p["tokens_per_s"].items()]
-    return (out + table(["decoder", "tokens/s", "remoe engine is ... faster", "its own greedy tokens equal"], rows)
+    tps = p["tokens_per_s"]
+    peers_ = [n for n in tps if n.startswith(("transformers", "llama.cpp"))]  # the columns: speed relative to each
+    rows = [[name, f"{v:.1f}"] + [f"{v / tps[q]:.2f}x" for q in peers_]
+            + [{True: "yes", False: "no"}.get(p["same_greedy_tokens"].get(name), "fed them")] for name, v in tps.items()]
+    return (out + table(["decoder", "tokens/s"] + [f"vs {q.split(' (')[0]}" for q in peers_]
+                        + ["its own greedy tokens equal"], rows)
             + ["", f"{p['new_tokens']} decode steps after a {p['prompt_tokens']}-token prompt (prefill excluded), "
-                   f"{p['dtype']}, {p['threads']} thread(s), best of {p['repeats']}, interleaved."
+                   f"{p['dtype']}, {p['threads']} thread(s), best of {p['repeats']}, interleaved; `--compile` compiled "
+                   f"before the timed runs."
                + "".join(f" {n}." for n in p["notes"]), ""])
 
 
@@ -1245,6 +1262,8 @@ def parse_args(argv=None):
                    help="skip the llama.cpp measurement under memory limits")
     g.add_argument("--no-peers", dest="peers", action="store_false", default=None,
                    help="skip the comparison with transformers' generate")
+    g.add_argument("--no-compile", dest="compile", action="store_false", default=None,
+                   help="peers: leave out the compiled engine (torch.compile takes tens of seconds)")
     g.add_argument("--shape", choices=sorted(SHAPES), help="instead of the base/tuned study: a random checkpoint with "
                                                           "this published model's expert shapes and dtype, decoded "
                                                           "resident and offloaded against their bandwidth bounds")

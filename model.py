@@ -378,40 +378,41 @@ def yarn_mscale(factor, mscale=1.0):
     return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
 
 
-def apply_rope(x, cis, interleaved):
-    """Rotate x [B, H, T, d] by position: each pair of dims is a complex number multiplied by
-    cis = a (cos + i sin) (T, d/2) of its frequency, in fp32. The interleaved layout pairs (x_2i, x_2i+1),
-    as DeepSeek stores its rope dims; the half layout pairs (x_i, x_{i+d/2}) (NeoX, Qwen, OLMoE, Mixtral)."""
+def apply_rope(x, rot, interleaved):
+    """Rotate x [B, H, T, d] by position: each pair of dims (x1, x2) turns by its frequency's angle,
+    (x1 cos - x2 sin, x1 sin + x2 cos), with rot = (a cos, a sin), each (T, d/2), in fp32. The interleaved
+    layout pairs (x_2i, x_2i+1), as DeepSeek stores its rope dims; the half layout pairs (x_i, x_{i+d/2})
+    (NeoX, Qwen, OLMoE, Mixtral). Real arithmetic, not complex numbers, so that torch.compile can fuse it."""
+    cos, sin = rot
     xf = x if x.dtype == torch.float32 else x.float()
-    if interleaved:
-        z = torch.view_as_complex(xf.unflatten(-1, (-1, 2)).contiguous()) * cis  # (B, H, T, d/2)
-        out = torch.view_as_real(z).flatten(-2)
-    else:
-        x1, x2 = xf.chunk(2, dim=-1)
-        z = torch.complex(x1, x2) * cis  # (B, H, T, d/2)
-        out = torch.cat((z.real, z.imag), dim=-1)
+    x1, x2 = (xf[..., 0::2], xf[..., 1::2]) if interleaved else xf.chunk(2, dim=-1)  # (B, H, T, d/2) each
+    r1, r2 = x1 * cos - x2 * sin, x1 * sin + x2 * cos
+    out = torch.stack((r1, r2), dim=-1).flatten(-2) if interleaved else torch.cat((r1, r2), dim=-1)
     return out if out.dtype == x.dtype else out.to(x.dtype)
 
 
-def attend(q, k, v, scale):
-    """Causal attention of q [B, H, T, hd] over k, v [B, KV, S, hd], where the last T of the S positions
-    are the queries' and each group of H/KV query heads reads one key/value head (query head h reads
-    head h // (H/KV), as grouped-query attention and MLA's single latent head need)."""
+def attend(q, k, v, scale, visible=None):
+    """Attention of q [B, H, T, hd] over k, v [B, KV, S, hd], where each group of H/KV query heads reads
+    one key/value head (query head h reads head h // (H/KV), as grouped-query attention and MLA's single
+    latent head need). Which keys a query sees: `visible` (T, S) bool when given (a fixed-size cache's
+    mask), else causal, the last T of the S positions being the queries'."""
     (B, H, T, _), (KV, S) = q.shape, k.shape[1:3]
     if T == 1:
         # decoding: the one query sees every key; the G = H/KV query heads of a key/value head are rows
         # of one matmul (for tiny heads two matmuls cost less than one fused call's dispatch)
         q = q.reshape(B, KV, H // KV, q.shape[-1])  # (B, KV, G, hd)
         scores = q @ k.transpose(-1, -2)  # (B, KV, G, S)
-        w = torch.softmax(scores * scale if scores.dtype == torch.float32 else scores.float() * scale, dim=-1)
-        return (w.to(v.dtype) @ v).reshape(B, H, 1, v.shape[-1])
+        scores = scores * scale if scores.dtype == torch.float32 else scores.float() * scale
+        if visible is not None:
+            scores = scores.masked_fill(~visible, float("-inf"))
+        return (torch.softmax(scores, dim=-1).to(v.dtype) @ v).reshape(B, H, 1, v.shape[-1])
     if KV != H:
         k, v = k.repeat_interleave(H // KV, dim=1), v.repeat_interleave(H // KV, dim=1)  # (B, H, S, hd)
-    if T == S:
+    if visible is None and T == S:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
-    # a chunk after a cached prefix: query t sees keys 0 .. S-T+t
-    mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(diagonal=S - T)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    if visible is None:  # a chunk after a cached prefix: query t sees keys 0 .. S-T+t
+        visible = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(diagonal=S - T)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=visible, scale=scale)
 
 
 class KVCache:
@@ -419,8 +420,17 @@ class KVCache:
     a decode step writes one position instead of copying the history); `length` is the next
     token's position. GQA layers keep keys and values, MLA layers their small latent."""
 
+    visible = None  # every position kept so far is in the past of the new tokens: attention is causal
+
     def __init__(self):
         self.buffers, self.length = {}, 0
+
+    def positions(self, T, device):
+        """(positions of the next T tokens (T,), an upper bound on them): what rotary embeddings need."""
+        return torch.arange(self.length, self.length + T, device=device), self.length + T
+
+    def advance(self, T):
+        self.length += T
 
     def update(self, layer, *new):
         """Write `new` tensors [..., T, d] at positions length .. length+T-1 of `layer`'s buffers and
@@ -436,6 +446,42 @@ class KVCache:
         for buf, t in zip(old, new):
             buf[..., start:end, :] = t
         return [buf[..., :end, :] for buf in old]
+
+
+class StaticKVCache:
+    """A KV cache of fixed size `max_len` whose position lives in a tensor: a decode step then has the
+    same shapes and reads no Python number that changes from token to token, which is what lets
+    torch.compile compile it once (offload_infer.py --compile). The caller moves it with `seek`, outside
+    the compiled step; attention reads all max_len positions and `visible` masks those not written yet."""
+
+    def __init__(self, max_len, device):
+        self.max_len, self.device, self.buffers = max_len, device, {}
+        self.length = 0  # positions written once the pass being run is done
+        self.pos = self.visible = None
+
+    def seek(self, position, T):
+        """The next forward pass writes T tokens at positions position .. position+T-1 (for the next token
+        in order: seek(cache.length, T))."""
+        if position + T > self.max_len:
+            raise ValueError(f"StaticKVCache holds {self.max_len} positions, asked for {position + T}")
+        self.length = position + T
+        self.pos = torch.arange(position, position + T, device=self.device)  # (T,)
+        self.visible = torch.arange(self.max_len, device=self.device) <= self.pos[:, None]  # (T, max_len)
+
+    def positions(self, T, device):
+        return self.pos, self.max_len
+
+    def advance(self, T):
+        pass  # a compiled step must not change Python state: the caller seeks before the next pass
+
+    def update(self, layer, *new):
+        """Write `new` tensors [..., T, d] at this pass's positions; returns the whole buffers [..., max_len, d]
+        (allocated by the first pass, which should run uncompiled)."""
+        if layer not in self.buffers:
+            self.buffers[layer] = [t.new_zeros(*t.shape[:-2], self.max_len, t.shape[-1]) for t in new]
+        for buf, t in zip(self.buffers[layer], new):
+            buf.index_copy_(-2, self.pos, t)
+        return self.buffers[layer]
 
 
 class Attention(nn.Module):
@@ -454,7 +500,7 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(hd if per_head else H * hd, cfg.rms_norm_eps)
             self.k_norm = RMSNorm(hd if per_head else KV * hd, cfg.rms_norm_eps)
 
-    def forward(self, x, cis, kv_cache=None):
+    def forward(self, x, rot, kv_cache=None):
         cfg, (B, T, _) = self.cfg, x.shape
         H, KV, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
@@ -466,10 +512,10 @@ class Attention(nn.Module):
         if cfg.qk_norm == "head":  # Qwen3: a norm per head over hd, before rope
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H|KV, T, hd)
-        q, k = apply_rope(q, cis, False), apply_rope(k, cis, False)
+        q, k = apply_rope(q, rot, False), apply_rope(k, rot, False)
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer, k, v)  # (B, KV, S, hd)
-        y = attend(q, k, v, hd ** -0.5)  # (B, H, T, hd)
+        y = attend(q, k, v, hd ** -0.5, kv_cache.visible if kv_cache is not None else None)  # (B, H, T, hd)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, H * hd))
 
 
@@ -497,7 +543,7 @@ class MLAttention(nn.Module):
         if cfg.rope_type == "yarn" and m_all:
             self.scale *= yarn_mscale(cfg.rope_parameters["factor"], m_all) ** 2
 
-    def forward(self, x, cis, kv_cache=None):
+    def forward(self, x, rot, kv_cache=None):
         cfg, (B, T, _) = self.cfg, x.shape
         H, dn, dr, dv, r = cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank
         q = self.q_proj(x) if cfg.q_lora_rank is None else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
@@ -505,8 +551,8 @@ class MLAttention(nn.Module):
         q_nope, q_pe = q.split([dn, dr], dim=-1)
         latent, k_pe = self.kv_a_proj_with_mqa(x).split([r, dr], dim=-1)
         latent = self.kv_a_layernorm(latent)  # (B, T, r): the compressed keys and values
-        q_pe = apply_rope(q_pe, cis, cfg.rope_interleave)
-        k_pe = apply_rope(k_pe.view(B, 1, T, dr), cis, cfg.rope_interleave)  # one rope key for all heads
+        q_pe = apply_rope(q_pe, rot, cfg.rope_interleave)
+        k_pe = apply_rope(k_pe.view(B, 1, T, dr), rot, cfg.rope_interleave)  # one rope key for all heads
         if kv_cache is None:  # a whole sequence (training, evaluation): expand keys and values per head
             kv = self.kv_b_proj(latent).view(B, T, H, dn + dv).transpose(1, 2)
             k_nope, v = kv.split([dn, dv], dim=-1)  # (B, H, T, dn), (B, H, T, dv)
@@ -519,7 +565,7 @@ class MLAttention(nn.Module):
             W = self.kv_b_proj.weight.view(H, dn + dv, r)
             q_lat = q_nope @ W[:, :dn]  # (B, H, T, dn) @ (H, dn, r) -> (B, H, T, r)
             keys = kv_cache.update(self.layer, torch.cat([latent.unsqueeze(1), k_pe], dim=-1))[0]  # (B, 1, S, r+dr)
-            y = attend(torch.cat([q_lat, q_pe], dim=-1), keys, keys[..., :r], self.scale)  # (B, H, T, r)
+            y = attend(torch.cat([q_lat, q_pe], dim=-1), keys, keys[..., :r], self.scale, kv_cache.visible)  # (B, H, T, r)
             y = y @ W[:, dn:].transpose(1, 2)  # (B, H, T, r) @ (H, r, dv) -> (B, H, T, dv)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, H * dv))
 
@@ -681,8 +727,8 @@ class Block(nn.Module):
         is_moe = layer in cfg.moe_layers
         self.mlp = MoE(cfg, layer, experts_on_disk) if is_moe else MLP(cfg.hidden_size, cfg.intermediate_size)
 
-    def forward(self, x, cis, kv_cache=None):
-        x = x + self.self_attn(self.input_layernorm(x), cis, kv_cache)
+    def forward(self, x, rot, kv_cache=None):
+        x = x + self.self_attn(self.input_layernorm(x), rot, kv_cache)
         h = self.post_attention_layernorm(x)
         if isinstance(self.mlp, MoE):
             h, routing = self.mlp(h)
@@ -710,39 +756,41 @@ class Transformer(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
         # trade compute for memory when training: recompute each block in the backward pass
         self.gradient_checkpointing = False
-        self.rope_tables = {}  # device -> cis of every position so far, see `rope`
+        self.rope_tables = {}  # device -> (cos, sin) of every position so far, see `rope`
 
-    def rope(self, start, T, device):
-        """cis = a (cos + i sin) (T, rope_dim/2), complex64, for positions start .. start+T-1, computed in fp32
-        (a: YaRN's attention factor, else 1). A table of all positions so far is kept per device (a pure
-        function's memo), so that a decode step slices it."""
-        table = self.rope_tables.get(device)
-        if table is None or table.shape[0] < start + T:
+    def rope(self, positions, end):
+        """rot = (a cos, a sin), each (T, rope_dim/2) in fp32, for the given positions (T,), all below `end`
+        (a: YaRN's attention factor, else 1). A table of every position below `end` is kept per device (a
+        pure function's memo), so that a step gathers its rows."""
+        table = self.rope_tables.get(positions.device)
+        if table is None or table[0].shape[0] < end:
             cfg = self.config
             inv_freq, factor = rope_frequencies(cfg, cfg.qk_rope_head_dim if cfg.mla else cfg.head_dim)
-            pos = torch.arange(max(start + T, 2 * table.shape[0] if table is not None else 256), dtype=torch.float32)
-            freqs = torch.outer(pos, inv_freq)  # (P, rope_dim/2)
-            table = torch.complex(freqs.cos() * factor, freqs.sin() * factor).to(device)
-            self.rope_tables[device] = table
-        return table[start:start + T]
+            pos = torch.arange(max(end, 2 * table[0].shape[0] if table is not None else 256), dtype=torch.float32)
+            angles = torch.outer(pos, inv_freq)  # (P, rope_dim/2)
+            table = tuple((t * factor).to(positions.device) for t in (angles.cos(), angles.sin()))
+            self.rope_tables[positions.device] = table
+        return table[0][positions], table[1][positions]
 
     def forward(self, input_ids, return_routing=False, kv_cache=None):
         """input_ids (B, T) -> logits (B, T, V), and with return_routing a list of Routing, one per MoE layer."""
-        start = kv_cache.length if kv_cache is not None else 0
-        cis = self.rope(start, input_ids.shape[1], input_ids.device)
+        T = input_ids.shape[1]
+        positions, end = kv_cache.positions(T, input_ids.device) if kv_cache is not None else (
+            torch.arange(T, device=input_ids.device), T)
+        rot = self.rope(positions, end)
         x = self.model.embed_tokens(input_ids)  # (B, T, D)
         routing = []
         recompute = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         for block in self.model.layers:
             if recompute:
-                x, r = torch.utils.checkpoint.checkpoint(block, x, cis, kv_cache, use_reentrant=False)
+                x, r = torch.utils.checkpoint.checkpoint(block, x, rot, kv_cache, use_reentrant=False)
             else:
-                x, r = block(x, cis, kv_cache)
+                x, r = block(x, rot, kv_cache)
             if r is not None:
                 routing.append(r)
         logits = self.lm_head(self.model.norm(x))
         if kv_cache is not None:
-            kv_cache.length += input_ids.shape[1]
+            kv_cache.advance(T)
         return (logits, routing) if return_routing else logits
 
 

@@ -27,6 +27,12 @@ Optional cache-aware routing (`--cache-bias B`, off by default) adds B to the ro
 cached experts before the top-k: fewer misses without training, at some cost in quality; ReMoE
 instead teaches the router itself to prefer recently used experts.
 
+`--compile` (with `--cache` = every expert, nothing offloaded) compiles the decode step with
+torch.compile: the expert -> slot lookup becomes a tensor, the KV cache a fixed-size
+model.StaticKVCache, and the whole one-token forward pass one graph of fused kernels, which removes
+most of the per-operation dispatch that dominates small models on a CPU. Offloaded layers cannot be
+compiled this way: their misses must be read from disk between the router and the experts.
+
 `--bench` measures what matters on the same tokens for every contender: held-out test windows,
 each a prompt (prefilled) and its true continuation fed token by token (teacher forcing), so the
 base and the tuned model, with and without cache-aware routing, do identical work apart from their
@@ -39,6 +45,7 @@ expert loading beyond one layer ahead, quantized compute, and multi-GPU.
 
     python offload_infer.py --prompt "def main():" --max-new-tokens 40               # CPU or GPU, cache 8
     python offload_infer.py --cache 4 --policy lfu --io direct --json runs/decode.json
+    python offload_infer.py --cache 32 --compile                                      # all resident, compiled
     python offload_infer.py --bench                      # same-token decode of base vs ReMoE, and the I/O bound
 
 Shapes: T tokens in the step, D hidden, E routed experts, K top-k, F expert width, C slots per layer.
@@ -70,6 +77,7 @@ class OffloadConfig:
     dtype: str | None = None   # None: float32 on CPU; on CUDA the checkpoint's own dtype (bf16 for FP8)
     cache_bias: float = 0.0    # bonus added to cached experts' router scores before top-k (0: plain routing)
     prefetch: bool = False     # load the next MoE layer's predicted experts while this layer computes
+    compile: bool = False      # every expert resident (cache = E): compile the decode step with torch.compile
 
 
 def check_cache_size(cfg, capacity):
@@ -193,16 +201,13 @@ class ExpertSlots:
         self.done([s])
         return y
 
-    def run_together(self, slots, x, weights):
-        """sum_k weights[0, k] * (expert in slots[k])(x) for one token x (1, D): one gather of the K slots and
-        two batched matmuls instead of K expert calls, the same arithmetic in fewer dispatches."""
-        self.wait(slots)
-        s = torch.tensor(slots, device=x.device)
+    def run_together(self, s, x, weights):
+        """sum_k weights[0, k] * (expert in slot s[k])(x) for one token x (1, D), s a (K,) tensor: one gather of
+        the K slots and two batched matmuls instead of K expert calls, the same arithmetic in fewer dispatches."""
         h = self.gate_up.index_select(0, s) @ x[0]                          # (K, 2F, D) @ (D,) -> (K, 2F)
         g, u = h.chunk(2, dim=-1)                                            # (K, F) each
         a = F.silu(g) * u * weights[0, :, None].to(x.dtype)                  # (K, F), each expert's weight applied
         y = torch.bmm(self.down.index_select(0, s), a.unsqueeze(-1)).sum(0)  # (K, D, F) @ (K, F, 1) -> (D, 1)
-        self.done(slots)
         return y.view(1, -1)
 
     @property
@@ -265,10 +270,11 @@ class OffloadedExperts(nn.Module):
         self.loader, self.record, self.cache_bias = loader, record, cache_bias
         self.after = after  # called with the layer's input after it computed (the engine's prefetch)
         self.expert_bytes = slots.nbytes // cache.capacity  # one slot's weights
+        self.slot_of = None  # (E,) tensor expert -> slot once every expert is resident for good (--compile)
 
     def bonus(self):
         """(E,) cache_bias on the experts cached now, or None for plain routing."""
-        if not self.cache_bias:
+        if not self.cache_bias or self.slot_of is not None:  # all cached: an equal bonus changes no choice
             return None
         bonus = torch.zeros(self.n_experts, device=self.slots.gate_up.device)
         bonus[list(self.cache.slot_of)] = self.cache_bias
@@ -303,9 +309,15 @@ class OffloadedExperts(nn.Module):
         all fit in the cache at once computes them together (ExpertSlots.run_together), in its top-k
         order; anything else is model.run_experts' loop over `fetch`."""
         K = indices.shape[-1]
+        if x.shape[0] == 1 and self.slot_of is not None:
+            # every expert resident for good: the slots come from a tensor lookup, nothing goes to the host,
+            # so a compiled decode step runs through (nothing to record either: every request hits)
+            return self.slots.run_together(self.slot_of[indices[0]], x, weights)
         if x.shape[0] == 1 and K <= self.cache.capacity and K * self.expert_bytes < self.TOGETHER_BELOW_BYTES:
             slots = [slot for _, slot in self.admit(indices, x)]  # one token's K ids are distinct: slots[k] holds indices[0, k]
-            y = self.slots.run_together(slots, x, weights)
+            self.slots.wait(slots)
+            y = self.slots.run_together(torch.tensor(slots, device=x.device), x, weights)
+            self.slots.done(slots)
         else:
             y = model.run_experts(x, indices, weights, self)
         if self.after is not None:  # after the layer's compute is queued, so that on CUDA the prefetch overlaps it
@@ -347,7 +359,8 @@ class DecodeReport:
     prefill_mb: float
     prefetch_loads: int
     expert_memory_mb: float     # slots + staging buffers: allocated once, so also the peak
-    peak_rss_mb: float | None   # sampled after every step
+    peak_rss_mb: float | None   # sampled before the first and after the last step (memory is allocated up
+                                # front and the KV cache only grows; sampling every token cost ~16 us each)
 
 
 class OffloadEngine:
@@ -356,6 +369,10 @@ class OffloadEngine:
         self.path = Path(path)
         cfg = self.cfg = model.read_config(self.path)
         check_cache_size(cfg, opts.cache)
+        if opts.compile and opts.cache != cfg.n_routed_experts:
+            raise UserError(f"--compile needs every expert resident (--cache {cfg.n_routed_experts}), got --cache "
+                            f"{opts.cache}: an offloaded layer reads its misses from disk between its router and its "
+                            f"experts, which a compiled step cannot pause for")
         if opts.policy not in ("lru", "lfu"):
             raise UserError(f"--policy must be lru or lfu, got {opts.policy!r} (belady needs the future: "
                             f"use cache.simulate on a trace)")
@@ -374,6 +391,7 @@ class OffloadEngine:
                                            ExpertSlots(opts.cache, D, F_, self.dtype, self.device),
                                            ExpertCache(opts.cache, opts.policy), self.loader, self.record,
                                            opts.cache_bias, self._prefetch_next if opts.prefetch else None)
+        self.compiled = self.compile_decode() if opts.compile else None
 
     @property
     def providers(self):
@@ -409,6 +427,29 @@ class OffloadEngine:
         self.synchronize()
         self.resident = True
 
+    def compile_decode(self):
+        """--compile: load every expert into its slot for good, give each layer its expert -> slot table as a
+        tensor (so a decode token never goes to the host), and compile the one-token step: torch.compile
+        with static shapes (the KV cache is a model.StaticKVCache) traces the whole forward pass once into
+        fused kernels. The first step of each cache size compiles (tens of seconds on two CPU cores; a C++
+        compiler is needed); the prompt's prefill runs uncompiled (its length varies)."""
+        self.preload_all()
+        for p in self.providers:
+            slot_of = torch.empty(self.cfg.n_routed_experts, dtype=torch.long)
+            for e, s in p.cache.slot_of.items():
+                slot_of[e] = s
+            p.slot_of = slot_of.to(self.device)
+        # cpp_wrapper: the compiled step calls its kernels from C++, not Python (measured here: 1.5-2x more
+        # tokens/s than the Python wrapper for the default model; freezing the weights did not help)
+        return torch.compile(self.model, fullgraph=True, dynamic=False, options={"cpp_wrapper": True})
+
+    def new_kv_cache(self, length):
+        """A KV cache for `length` positions: a growing model.KVCache, or with --compile a fixed-size one,
+        rounded up to a power of two so that a few compiled sizes serve every request."""
+        if self.compiled is None:
+            return model.KVCache()
+        return model.StaticKVCache(max(256, 1 << (length - 1).bit_length()), self.device)
+
     def synchronize(self):
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
@@ -419,10 +460,17 @@ class OffloadEngine:
     @torch.no_grad()
     def step(self, ids, kv):
         """ids (1, T) -> logits (1, T, V): one forward pass of model.py's model, recorded as one Step."""
-        self.record.steps.append(Step(tokens=ids.shape[1]))
+        step = Step(tokens=ids.shape[1])
+        self.record.steps.append(step)
         before = self.store.bytes_read
-        logits = self.model(ids, kv_cache=kv)
-        self.record.steps[-1].bytes_read = self.store.bytes_read - before
+        if isinstance(kv, model.StaticKVCache):
+            kv.seek(kv.length, ids.shape[1])  # outside the compiled step: this pass's positions
+        if self.compiled is not None and ids.shape[1] == 1:
+            logits = self.compiled(ids, kv_cache=kv)
+            step.hits, step.misses = [self.cfg.num_experts_per_tok] * len(self.moes), [0] * len(self.moes)
+        else:
+            logits = self.model(ids, kv_cache=kv)
+        step.bytes_read = self.store.bytes_read - before
         return logits
 
     def _prefetch_next(self, layer, x):
@@ -439,7 +487,7 @@ class OffloadEngine:
     def generate(self, prompt_ids, max_new_tokens, temperature=0.0, top_p=1.0, generator=None, on_token=None):
         """Prefill, then decode one token at a time, as model.generate. Returns (ids (1, T+new), DecodeReport)."""
         ids = torch.as_tensor(prompt_ids, device=self.device).view(1, -1)
-        first, kv, peak_rss = len(self.record.steps), model.KVCache(), rss_bytes()
+        first, kv, peak_rss = len(self.record.steps), self.new_kv_cache(ids.shape[1] + max_new_tokens), rss_bytes()
         self.synchronize()
         t0 = time.perf_counter()
         logits = self.step(ids, kv)[:, -1]
@@ -453,10 +501,10 @@ class OffloadEngine:
                 on_token(tokens[-1])
             if i + 1 < max_new_tokens:
                 logits = self.step(nxt, kv)[:, -1]
-            rss = rss_bytes()
-            peak_rss = max(peak_rss, rss) if rss is not None and peak_rss is not None else None
         self.synchronize()
         t_end = time.perf_counter()
+        rss = rss_bytes()
+        peak_rss = max(peak_rss, rss) if rss is not None and peak_rss is not None else None
         steps = max_new_tokens - 1  # decode steps after the prefill
         dec, pre = self.record.totals(first + 1), self.record.totals(first, first + 1)
         per = (lambda x: x / steps) if steps else (lambda x: float("nan"))
@@ -477,7 +525,7 @@ class OffloadEngine:
         ids = torch.as_tensor(window, device=self.device).view(1, -1)
         self.reset_cache()
         self.store.drop_page_cache()
-        kv = model.KVCache()
+        kv = self.new_kv_cache(ids.shape[1])
         self.step(ids[:, :prompt_len], kv)
         first = len(self.record.steps)
         self.synchronize()
@@ -662,6 +710,8 @@ def parse_args(argv=None):
     g.add_argument("--cache-bias", type=float, default=d.cache_bias,
                    help="bonus on cached experts' router scores before top-k (0 = plain routing)")
     g.add_argument("--prefetch", action="store_true", help="load the next MoE layer's predicted experts early")
+    g.add_argument("--compile", action="store_true", help="with --cache = all experts: compile the decode step "
+                                                          "(torch.compile; tens of seconds once, needs a C++ compiler)")
     g = p.add_argument_group("device")
     g.add_argument("--device", default=d.device, help="cpu, cuda or cuda:N (default: cuda if available, else cpu)")
     g.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=d.dtype,
@@ -769,11 +819,14 @@ def main(argv=None):
     args = parse_args(argv)
     args.model = args.model or str(model.default_model_dir())
     opts = OffloadConfig(cache=args.cache, policy=args.policy, io=args.io, device=args.device, dtype=args.dtype,
-                         cache_bias=args.cache_bias, prefetch=args.prefetch)
+                         cache_bias=args.cache_bias, prefetch=args.prefetch, compile=args.compile)
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     if args.bench:
         with model.user_errors():
+            if args.compile:
+                raise UserError("--bench times the offloaded engine, which runs uncompiled; the compiled resident "
+                                "engine is timed in bench.py's peers section")
             result = run_bench(args, opts)
             if args.json:
                 model.write_json(args.json, result)
@@ -798,6 +851,8 @@ def main(argv=None):
     print(f"{args.model}: {cfg.model_type}, {len(cfg.moe_layers)} MoE layers x {cfg.n_routed_experts} experts "
           f"(top-{cfg.num_experts_per_tok}), cache {args.cache}/layer, {args.policy}, io {engine.store.io}",
           file=sys.stderr)
+    if args.compile:
+        print("compiling the decode step on the first token (torch.compile: tens of seconds, once)", file=sys.stderr)
     print(tok.decode(prompt) if tok is not None else " ".join(map(str, prompt)), end="", flush=True)
     gen = torch.Generator(device=engine.device).manual_seed(args.seed)
     _, r = engine.generate(prompt, args.max_new_tokens, args.temperature, args.top_p, gen, TextStream(tok))

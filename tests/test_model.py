@@ -186,6 +186,26 @@ def test_kv_cache_matches_full_forward(vid, chunks, tiny, loaded):
 
 @variants
 @torch.no_grad()
+def test_static_kv_cache_matches_full_forward(vid, tiny, loaded):
+    """The fixed-size cache (what a compiled decode step uses): a prefill, then single tokens, each pass
+    reading all max_len positions with the not-yet-written ones masked; a few spare positions at the end."""
+    hf, _ = tiny(vid)
+    net = loaded(vid)
+    ids = ids_for(hf, seed=3)
+    full = net(ids)
+    cache = remoe.StaticKVCache(SEQ + 5, ids.device)
+    pieces, start = [], 0
+    for n in [20] + [1] * (SEQ - 20):
+        cache.seek(start, n)
+        pieces.append(net(ids[:, start:start + n], kv_cache=cache))
+        start += n
+    assert_close(torch.cat(pieces, dim=1), full, CACHE_ATOL, f"{vid} static cache")
+    with pytest.raises(ValueError, match="holds 37 positions"):
+        cache.seek(SEQ, 6)
+
+
+@variants
+@torch.no_grad()
 def test_greedy_generate_matches_transformers(vid, tiny, loaded):
     hf, _ = tiny(vid)
     prompt = ids_for(hf, seed=4, length=8)

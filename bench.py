@@ -385,6 +385,9 @@ DECODE_METHOD = ("OffloadEngine with --io direct; every contender replays the sa
                  "ratio base time / contender time, with its 95% interval")
 
 
+FREE_PROMPTS, FREE_SEEDS, FREE_TEMPERATURE = 2, (0, 1, 2), 0.8  # free generation: prompts x seeds per model
+
+
 def decode(paths, windows, prompt_len, capacity, bias, device, dtype):
     """One row of the decode table: base and tuned, each plain and with cache-aware routing."""
     engines = {}
@@ -401,6 +404,35 @@ def decode(paths, windows, prompt_len, capacity, bias, device, dtype):
         for e in engines.values():
             e.close()
     return {"capacity": capacity, "bias": bias, "contenders": oi.summarize_runs(runs, "base"), "per_window": runs}, env
+
+
+def free_generation(paths, prompts, capacity, seeds, new_tokens, temperature, device, dtype):
+    """Each model generating its own tokens: sampled at `temperature` from each prompt with each seed, from an
+    empty expert cache, the models taking turns. Never a speedup: the models decode different token streams,
+    and a stream that loops (greedy decoding of a small model does: a name, then newlines) reuses experts
+    trivially, which its distinct-token ratio (distinct ids / generated ids) shows."""
+    engines = {name: oi.OffloadEngine(path, oi.OffloadConfig(cache=capacity, io="direct", device=str(device),
+                                                             dtype=dtype)) for name, path in paths.items()}
+    runs = {name: [] for name in engines}
+    try:
+        for i, (prompt, seed) in enumerate((p, s) for p in prompts for s in seeds):
+            for name in (list(engines) if i % 2 == 0 else list(engines)[::-1]):
+                e = engines[name]
+                e.reset_cache()
+                e.store.drop_page_cache()
+                gen = torch.Generator(device=e.device).manual_seed(seed)
+                _, r = e.generate(prompt, new_tokens, temperature, 1.0, gen)
+                runs[name].append({"seed": seed, "ms_per_token": r.time_per_token_s * 1e3, "hit_rate": r.hit_rate,
+                                   "loads_per_token": r.loads_per_token,
+                                   "distinct_ratio": len(set(r.generated_ids)) / len(r.generated_ids)})
+    finally:
+        for e in engines.values():
+            e.close()
+    mean = lambda rs, k: sum(r[k] for r in rs) / len(rs)  # noqa: E731
+    return {"capacity": capacity, "temperature": temperature, "seeds": list(seeds), "prompts": len(prompts),
+            "new_tokens": new_tokens, "runs": runs,
+            "models": {name: {k: mean(rs, k) for k in ("ms_per_token", "hit_rate", "loads_per_token", "distinct_ratio")}
+                       for name, rs in runs.items()}}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -892,6 +924,9 @@ def run(s, log=print):
         progress.tick()
     results["decode"] = {"method": DECODE_METHOD, "windows": s.decode_windows, "prompt_tokens": s.prompt_tokens,
                          "decode_tokens": s.decode_tokens, "window_ids": decode_windows.tolist(), **env, "rows": rows}
+    prompts = [w[:s.prompt_tokens].tolist() for w in decode_windows[1:1 + FREE_PROMPTS]]
+    results["decode"]["free"] = free_generation(paths, prompts, min(2 * K, E), FREE_SEEDS, s.decode_tokens,
+                                                FREE_TEMPERATURE, device, dtype_name)
 
     if s.llama:
         progress.section("llama.cpp under a memory limit")
@@ -1044,7 +1079,16 @@ def md_decode(r):
              f"({dec['prompt_tokens']} prompt + {dec['decode_tokens']} tokens fed one by one)", "",
              f"Method: {dec['method']}. Device {dec['device']}, {dec['dtype']}, reads: {io}.", ""]
             + table(["capacity", "contender", "ms/token (95% CI)", "speedup vs base (95% CI)", "hit rate",
-                     "loads / token", "MB read / token", "perplexity"], rows) + [""])
+                     "loads / token", "MB read / token", "perplexity"], rows) + [""] + md_free(dec["free"]))
+
+
+def md_free(f):
+    rows = [[name, f"{m['loads_per_token']:.2f}", f"{m['hit_rate']:.3f}", f"{m['ms_per_token']:.2f}",
+             f"{m['distinct_ratio']:.2f}"] for name, m in f["models"].items()]
+    return ([f"Free generation (not a speedup: each model samples its own tokens), cache {f['capacity']}, temperature "
+             f"{f['temperature']:g}, {f['prompts']} prompts x seeds {', '.join(map(str, f['seeds']))}, {f['new_tokens']} "
+             f"tokens each, means over runs:", ""]
+            + table(["model", "loads / token", "hit rate", "ms/token", "distinct tokens / generated"], rows) + [""])
 
 
 def md_llama(r):

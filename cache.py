@@ -46,7 +46,9 @@ import math
 import mmap
 import os
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -319,7 +321,9 @@ class ExpertStore:
         self.io, self.fallback = io, None
         self.fds = {f: os.open(f, os.O_RDONLY) for f in self.files}  # for posix_fadvise (and mmap)
         self.sizes = {f: os.fstat(fd).st_size for f, fd in self.fds.items()}
-        self.maps, self.direct_fds, self.buffer = {}, {}, None
+        self.maps, self.direct_fds = {}, {}
+        self.span, self.buffers = 0, {}  # O_DIRECT: an aligned buffer of `span` bytes per reading thread
+        self.lock = threading.Lock()     # reads may run in several threads (the engine reads a token's misses so)
         if io == "direct":
             self._open_direct()
         if self.io == "mmap":
@@ -378,31 +382,45 @@ class ExpertStore:
             self.direct_fds, self.io = {}, "mmap"
             self.fallback = f"--io direct unavailable: {reason}; reading through mmap, pages dropped after each read"
             return
-        # one buffer for the largest tensor's aligned span; anonymous maps are page aligned, as O_DIRECT needs
+        # each reading thread's buffer holds the largest tensor's aligned span
         spans = [b - a for parts in self.parts.values() for pair in parts for i in pair if i is not None
                  for a, b in [self._aligned(i)]]
-        self.buffer = mmap.mmap(-1, max(spans))
+        self.span = max(spans)
 
     @staticmethod
     def _aligned(info):
         return info.start - info.start % DIRECT_ALIGN, -(-info.end // DIRECT_ALIGN) * DIRECT_ALIGN
 
+    def _buffer(self):
+        """This thread's O_DIRECT buffer (anonymous maps are page aligned, as O_DIRECT needs)."""
+        buf = self.buffers.get(threading.get_ident())
+        if buf is None:
+            with self.lock:
+                buf = self.buffers[threading.get_ident()] = mmap.mmap(-1, self.span)
+        return buf
+
+    def _count(self, nbytes, experts=0):
+        with self.lock:
+            self.bytes_read += nbytes
+            self.reads += experts
+
     def _view(self, info):
-        """The tensor's bytes on disk as a tensor, valid until the next _view (O_DIRECT reuses its buffer)."""
+        """The tensor's bytes on disk as a tensor, valid until this thread's next _view (O_DIRECT reuses its buffer)."""
         count = math.prod(info.shape)
         if self.io == "direct":
             a, b = self._aligned(info)
-            n = os.preadv(self.direct_fds[info.file], [memoryview(self.buffer)[: b - a]], a)
+            buf = self._buffer()
+            n = os.preadv(self.direct_fds[info.file], [memoryview(buf)[: b - a]], a)
             if n < info.end - a:
                 raise model.UserError(f"{info.file}: short read at byte {a} ({n} bytes)")
-            self.bytes_read += n
-            t = torch.frombuffer(self.buffer, dtype=info.dtype, count=count, offset=info.start - a)
+            self._count(n)
+            t = torch.frombuffer(buf, dtype=info.dtype, count=count, offset=info.start - a)
         else:
             m = self.maps[info.file]
             a = info.start - info.start % mmap.PAGESIZE
             if hasattr(m, "madvise"):  # one readahead of exactly this tensor instead of a fault per page
                 m.madvise(mmap.MADV_WILLNEED, a, info.end - a)
-            self.bytes_read += info.end - info.start
+            self._count(info.end - info.start)
             t = torch.frombuffer(m, dtype=info.dtype, count=count, offset=info.start)
         return t.view(info.shape)
 
@@ -422,7 +440,8 @@ class ExpertStore:
 
     def read_into(self, layer, expert, out):
         """Copy expert `expert` of MoE layer `layer` into `out` = (gate (F, D), up (F, D), down (D, F)),
-        converting to their dtype: FP8 is dequantized with its block scales, bf16 becomes float32 on CPU."""
+        converting to their dtype: FP8 is dequantized with its block scales, bf16 becomes float32 on CPU.
+        Safe to call from several threads at once (each has its own O_DIRECT buffer)."""
         for (info, scale), dst in zip(self.parts[(layer, expert)], out):
             if scale is not None:
                 s = self._view(scale).clone()  # read first: the weight's read may reuse the buffer
@@ -431,7 +450,7 @@ class ExpertStore:
             else:
                 dst.copy_(self._view(info))
             self._release(info)
-        self.reads += 1
+        self._count(0, experts=1)
 
     def read(self, layer, expert, dtype=torch.float32):
         """A fresh (gate, up, down) triple of `dtype` tensors: for tests and tools."""
@@ -452,11 +471,11 @@ class ExpertStore:
     def close(self):
         for m in self.maps.values():
             m.close()
-        if self.buffer is not None:
-            self.buffer.close()
+        for buf in self.buffers.values():
+            buf.close()
         for fd in list(self.fds.values()) + list(self.direct_fds.values()):
             os.close(fd)
-        self.maps, self.fds, self.direct_fds, self.buffer = {}, {}, {}, None
+        self.maps, self.fds, self.direct_fds, self.buffers = {}, {}, {}, {}
 
     def __enter__(self):
         return self
@@ -480,16 +499,23 @@ def open_direct(path):
     return fd
 
 
-def read_bandwidth(store, experts, seed=0):
-    """Bytes per second of reading `experts` [(layer, expert)] one at a time with `store`, in a
-    random order (a miss is a random read, not a sequential sweep), from a dropped page cache:
-    the reads a miss makes."""
-    out = store.read(*experts[0])  # scratch triple (also warms the code path)
+def read_bandwidth(store, experts, seed=0, in_flight=1):
+    """Bytes per second of reading `experts` [(layer, expert)] with `store`, `in_flight` at a time (in
+    threads), in a random order (a miss is a random read, not a sequential sweep), from a dropped page
+    cache: the reads a miss makes."""
+    outs = [store.read(*experts[0]) for _ in range(in_flight)]  # scratch triples (also warm the code path)
     order = torch.randperm(len(experts), generator=torch.Generator().manual_seed(seed)).tolist()
     store.drop_page_cache()
     before, t0 = store.bytes_read, time.perf_counter()
-    for i in order:
-        store.read_into(*experts[i], out)
+    if in_flight == 1:
+        for i in order:
+            store.read_into(*experts[i], outs[0])
+    else:
+        with ThreadPoolExecutor(in_flight) as pool:
+            for start in range(0, len(order), in_flight):
+                batch = order[start:start + in_flight]
+                for done in [pool.submit(store.read_into, *experts[i], out) for i, out in zip(batch, outs)]:
+                    done.result()
     return (store.bytes_read - before) / (time.perf_counter() - t0)
 
 

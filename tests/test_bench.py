@@ -318,6 +318,25 @@ def test_decode_rows(run, truth):
             assert c["mb_per_token"] * 1e6 >= c["loads_per_token"] * dec["expert_bytes"] - 1e-6  # whole blocks read
 
 
+def test_free_generation(run, truth):
+    """Free generation is reported apart from the speedups: every model sampled from the same prompts with
+    the same seeds; each run's hit rate and loads agree (every decode token requests K distinct experts per
+    MoE layer, so hit rate = 1 - loads / (K L)), the distinct-token ratio is a ratio, and the table shows
+    the means of the runs."""
+    free = run["results"]["decode"]["free"]
+    cfg = truth["base"]["net"].config
+    K, L = cfg.num_experts_per_tok, len(cfg.moe_layers)
+    assert set(free["runs"]) == {"base", "tuned"} and free["temperature"] == bench.FREE_TEMPERATURE
+    for name, runs in free["runs"].items():
+        assert [r["seed"] for r in runs] == list(bench.FREE_SEEDS) * free["prompts"]
+        for r in runs:
+            assert r["hit_rate"] == pytest.approx(1 - r["loads_per_token"] / (K * L))
+            assert 0 < r["distinct_ratio"] <= 1
+        for key, value in free["models"][name].items():
+            assert value == pytest.approx(sum(r[key] for r in runs) / len(runs))
+    assert "Free generation (not a speedup" in (run["out"] / "results.md").read_text()
+
+
 def test_peer_rows(run):
     """Every resident decoder side by side; transformers decodes model.py's greedy tokens, and llama.cpp
     (installed wherever the tests run: .ci/run builds it) has its row from the exported GGUF."""

@@ -395,6 +395,31 @@ def test_read_bandwidth_counts_bytes(tiny):
         assert store.bytes_read == 5 * store.expert_bytes  # one scratch read + four timed reads
 
 
+@pytest.mark.parametrize("io", ["mmap", "direct"])
+def test_reads_from_several_threads_at_once(io, tiny):
+    """The engine reads a token's misses in parallel threads: every expert of every layer, read 4 at a time
+    into distinct outputs, equals safetensors' tensors, and the counts add up (no update lost to a race)."""
+    from concurrent.futures import ThreadPoolExecutor
+    _, path = tiny("ds2-mla-greedy")
+    ref = safetensors_reference(path)
+    cfg = model.read_config(path)
+    with cache.ExpertStore(path, cfg, io) as store, ThreadPoolExecutor(4) as pool:
+        experts = list(store.parts)
+        outs = {key: store.read(*key) for key in experts}  # scratch triples, filled with the right expert already
+        for t in [x for triple in outs.values() for x in triple]:
+            t.zero_()
+        before, reads = store.bytes_read, store.reads
+        for done in [pool.submit(store.read_into, *key, outs[key]) for key in experts]:
+            done.result()
+        for (layer, e), triple in outs.items():
+            for got, name in zip(triple, expert_names(cfg.model_type, layer, e)):
+                assert torch.equal(got, ref[name]), name
+        assert store.reads - reads == len(experts)
+        if io == "mmap":  # O_DIRECT counts whole aligned blocks
+            assert store.bytes_read - before == len(experts) * store.expert_bytes
+        assert cache.read_bandwidth(store, experts[:8], in_flight=4) > 0
+
+
 def test_cached_before_is_the_cache_content_before_each_token():
     """cache.cached_before against tests/oracles.py's plain-list LRU: before token t the mask holds the
     experts the list holds after tokens 0..t-1 (empty at t = 0), sequence by sequence."""

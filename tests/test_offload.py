@@ -304,6 +304,8 @@ def test_physical_bound_rows(tiny):
     for row in result["rows"]:
         assert row["bound_ms"] == pytest.approx(resident + row["mb_per_token"] * 1e6 / bw * 1e3)
         assert row["ratio_to_bound"] == pytest.approx(row["ms_per_token"] / row["bound_ms"])
+        strict = resident + row["mb_per_token"] * 1e6 / result["parallel_bandwidth_bytes_per_s"] * 1e3
+        assert row["bound_parallel_ms"] == pytest.approx(strict)
     small, full = result["rows"]
     # with all 8 experts cached each is read at most once per layer and window; 2 slots for a top-3 thrash
     assert full["loads_per_token"] <= 8 * len(cfg.moe_layers) / 6 < small["loads_per_token"]

@@ -441,6 +441,24 @@ def free_generation(paths, prompts, capacity, seeds, new_tokens, temperature, de
 # llama.cpp (the checkpoint exported to a float32 GGUF by export.py). Decode time only: the prompt's
 # prefill is timed apart and subtracted, so a contender with a slow prefill is not blamed for it.
 
+def memory_available():
+    """Bytes the OS could give this process now (Linux MemAvailable), or None where unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        return None
+
+
+def too_big(nbytes):
+    """Why another copy of `nbytes` should not be loaded (a peer of a real-shaped model can hold the whole
+    model again; the kernel would kill the run, losing every figure), or None."""
+    free = memory_available()
+    if free is not None and nbytes > 0.6 * free:  # room for the temporaries of loading and converting
+        return f"left out: another {nbytes / 1e9:.1f} GB copy of the weights would not fit in the {free / 1e9:.1f} GB available"
+    return None
+
+
 def llama_cpp_missing():
     """Why llama.cpp cannot be measured here, or None."""
     try:
@@ -492,15 +510,20 @@ def peers(path, prompt, new_tokens, repeats, device, dtype, gguf_dir=None, compi
     runs = {"remoe engine, all experts cached": engine_decode(engine),
             "remoe model.generate": minus_prefill(lambda n: model.generate(net, ids, n))}
     agree, notes = {}, []
+    weights = sum(p.numel() for p in net.parameters()) * torch.finfo(dtype).bits // 8  # one more copy of the model
     try:  # the same engine with its one-token step compiled (offload_infer.py --cache E --compile)
         if not compile:
             raise UserError("left out (--no-compile)")
+        if too_big(weights):
+            raise UserError(too_big(weights))
         compiled = oi.OffloadEngine(path, replace(engine.opts, compile=True))
         compiled.generate(prompt, 2)  # compiles here (tens of seconds), outside the timed runs
         runs["remoe engine, all experts cached, --compile"] = engine_decode(compiled)
     except Exception as e:  # no C++ compiler, or a torch.compile limitation: report it, keep the rest
         notes.append(f"--compile: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
     try:
+        if too_big(weights):
+            raise UserError(too_big(weights))
         import transformers
         from transformers import AutoModelForCausalLM
         transformers.utils.logging.disable_progress_bar()  # its loading bar would break ours

@@ -351,6 +351,17 @@ def test_peer_rows(run):
     assert "llama.cpp" in (run["out"] / "results.md").read_text()
 
 
+def test_peers_leave_out_copies_that_would_not_fit(pair, monkeypatch):
+    """A real-shaped model's peers hold the weights several times over: when another copy would not fit in
+    the memory available, the compiled engine and transformers are left out with the reason, and the
+    rest is measured (instead of the kernel killing the run)."""
+    monkeypatch.setattr(bench, "memory_available", lambda: 10_000)  # bytes: less than any model here
+    p = bench.peers(pair["base"], [5, 6, 7, 8], 3, 1, torch.device("cpu"), torch.float32)
+    assert list(p["tokens_per_s"]) == ["remoe engine, all experts cached", "remoe model.generate"]
+    notes = " ".join(p["notes"])
+    assert notes.count("would not fit in the 0.0 GB available") == 2 and "--compile" in notes and "transformers" in notes
+
+
 # ----------------------------------------------------------------------------------------------
 # settings and bad input
 

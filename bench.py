@@ -517,7 +517,7 @@ def peers(path, prompt, new_tokens, repeats, device, dtype, gguf_dir=None, compi
         if too_big(weights):
             raise UserError(too_big(weights))
         compiled = oi.OffloadEngine(path, replace(engine.opts, compile=True))
-        compiled.generate(prompt, 2)  # compiles here (tens of seconds), outside the timed runs
+        compiled.generate(prompt, 2)  # it compiled when made (tens of seconds); outside the timed runs either way
         runs["remoe engine, all experts cached, --compile"] = engine_decode(compiled)
     except Exception as e:  # no C++ compiler, or a torch.compile limitation: report it, keep the rest
         notes.append(f"--compile: {str(e).splitlines()[0] if str(e) else type(e).__name__}")

@@ -463,8 +463,9 @@ class OffloadEngine:
         """--compile: load every expert into its slot for good, give each layer its expert -> slot table as a
         tensor (so a decode token never goes to the host), and compile the one-token step: torch.compile
         with static shapes (the KV cache is a model.StaticKVCache) traces the whole forward pass once into
-        fused kernels. The first step of each cache size compiles (tens of seconds on two CPU cores; a C++
-        compiler is needed); the prompt's prefill runs uncompiled (its length varies)."""
+        fused kernels. Each cache size compiles once (tens of seconds on two CPU cores; a C++ compiler is
+        needed): the smallest (256 positions) here, a larger one on its first step; the prompt's prefill
+        runs uncompiled (its length varies)."""
         self.preload_all()
         for p in self.providers:
             slot_of = torch.empty(self.cfg.n_routed_experts, dtype=torch.long)
@@ -473,12 +474,20 @@ class OffloadEngine:
             p.slot_of = slot_of.to(self.device)
         # cpp_wrapper: the compiled step calls its kernels from C++, not Python (measured here: 1.5-2x more
         # tokens/s than the Python wrapper for the default model; freezing the weights did not help)
-        return torch.compile(self.model, fullgraph=True, dynamic=False, options={"cpp_wrapper": True})
+        compiled = torch.compile(self.model, fullgraph=True, dynamic=False, options={"cpp_wrapper": True})
+        # compile the smallest cache size now, so that no timed token of a short generation pays for it
+        kv, token = self.new_kv_cache(1), torch.zeros(1, 1, dtype=torch.long, device=self.device)
+        with torch.no_grad():
+            kv.seek(0, 1)
+            self.model(token, kv_cache=kv)  # uncompiled, as a prefill: allocates the cache's buffers
+            kv.seek(1, 1)
+            compiled(token, kv_cache=kv)
+        return compiled
 
     def new_kv_cache(self, length):
         """A KV cache for `length` positions: a growing model.KVCache, or with --compile a fixed-size one,
         rounded up to a power of two so that a few compiled sizes serve every request."""
-        if self.compiled is None:
+        if not self.opts.compile:
             return model.KVCache()
         return model.StaticKVCache(max(256, 1 << (length - 1).bit_length()), self.device)
 
@@ -883,6 +892,8 @@ def main(argv=None):
         tok = model.load_tokenizer(args.model)
         prompt = prompt_token_ids(args, tok, cfg)
         check_prompt(cfg, len(prompt), args.max_new_tokens)
+        if args.compile:
+            print("compiling the decode step (torch.compile: tens of seconds the first time)", file=sys.stderr)
         engine = OffloadEngine(args.model, opts)
     dtype = str(engine.dtype).removeprefix("torch.")
     print(f"device: {engine.device} ({engine.device_reason}); dtype: {dtype} ({engine.dtype_reason}); "
@@ -892,8 +903,6 @@ def main(argv=None):
     print(f"{args.model}: {cfg.model_type}, {len(cfg.moe_layers)} MoE layers x {cfg.n_routed_experts} experts "
           f"(top-{cfg.num_experts_per_tok}), cache {args.cache}/layer, {args.policy}, io {engine.store.io}",
           file=sys.stderr)
-    if args.compile:
-        print("compiling the decode step on the first token (torch.compile: tens of seconds, once)", file=sys.stderr)
     print(tok.decode(prompt) if tok is not None else " ".join(map(str, prompt)), end="", flush=True)
     gen = torch.Generator(device=engine.device).manual_seed(args.seed)
     _, r = engine.generate(prompt, args.max_new_tokens, args.temperature, args.top_p, gen, TextStream(tok))

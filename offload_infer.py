@@ -892,7 +892,7 @@ def main(argv=None):
         tok = model.load_tokenizer(args.model)
         prompt = prompt_token_ids(args, tok, cfg)
         check_prompt(cfg, len(prompt), args.max_new_tokens)
-        if args.compile:
+        if args.compile and args.cache == cfg.n_routed_experts:  # (else the engine refuses, in one line)
             print("compiling the decode step (torch.compile: tens of seconds the first time)", file=sys.stderr)
         engine = OffloadEngine(args.model, opts)
     dtype = str(engine.dtype).removeprefix("torch.")

@@ -511,19 +511,18 @@ def peers(path, prompt, new_tokens, repeats, device, dtype, gguf_dir=None, compi
             "remoe model.generate": minus_prefill(lambda n: model.generate(net, ids, n))}
     agree, notes = {}, []
     weights = sum(p.numel() for p in net.parameters()) * torch.finfo(dtype).bits // 8  # one more copy of the model
+    compiled = None
     try:  # the same engine with its one-token step compiled (offload_infer.py --cache E --compile)
-        if not compile:
-            raise UserError("left out (--no-compile)")
-        if too_big(weights):
-            raise UserError(too_big(weights))
+        if reason := "left out (--no-compile)" if not compile else too_big(weights):
+            raise UserError(reason)
         compiled = oi.OffloadEngine(path, replace(engine.opts, compile=True))
         compiled.generate(prompt, 2)  # it compiled when made (tens of seconds); outside the timed runs either way
         runs["remoe engine, all experts cached, --compile"] = engine_decode(compiled)
     except Exception as e:  # no C++ compiler, or a torch.compile limitation: report it, keep the rest
         notes.append(f"--compile: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
     try:
-        if too_big(weights):
-            raise UserError(too_big(weights))
+        if reason := too_big(weights):
+            raise UserError(reason)
         import transformers
         from transformers import AutoModelForCausalLM
         transformers.utils.logging.disable_progress_bar()  # its loading bar would break ours
@@ -564,7 +563,7 @@ def peers(path, prompt, new_tokens, repeats, device, dtype, gguf_dir=None, compi
             if out is not None:
                 agree[name] = out[0, len(prompt):len(prompt) + new_tokens].tolist() == want
     engine.close()
-    if "remoe engine, all experts cached, --compile" in runs:
+    if compiled is not None:
         compiled.close()
     tps = {name: new_tokens / s for name, s in best.items()}
     ref = "remoe engine, all experts cached"

@@ -469,6 +469,8 @@ class StaticKVCache:
         self.visible = torch.arange(self.max_len, device=self.device) <= self.pos[:, None]  # (T, max_len)
 
     def positions(self, T, device):
+        if self.pos is None or self.pos.shape[0] != T:
+            raise ValueError(f"StaticKVCache: call seek(position, {T}) before a pass of {T} tokens")
         return self.pos, self.max_len
 
     def advance(self, T):

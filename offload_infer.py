@@ -481,7 +481,11 @@ class OffloadEngine:
             kv.seek(0, 1)
             self.model(token, kv_cache=kv)  # uncompiled, as a prefill: allocates the cache's buffers
             kv.seek(1, 1)
-            compiled(token, kv_cache=kv)
+            try:
+                compiled(token, kv_cache=kv)
+            except Exception as e:  # no C++ compiler, or something torch.compile cannot trace on this setup
+                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                raise UserError(f"--compile failed ({first}); decode without --compile") from None
         return compiled
 
     def new_kv_cache(self, length):

@@ -202,6 +202,9 @@ def test_static_kv_cache_matches_full_forward(vid, tiny, loaded):
     assert_close(torch.cat(pieces, dim=1), full, CACHE_ATOL, f"{vid} static cache")
     with pytest.raises(ValueError, match="holds 37 positions"):
         cache.seek(SEQ, 6)
+    cache.seek(SEQ, 1)
+    with pytest.raises(ValueError, match=r"seek\(position, 2\) before a pass of 2 tokens"):
+        net(ids[:, :2], kv_cache=cache)  # a pass longer than the seek announced
 
 
 @variants

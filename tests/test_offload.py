@@ -141,6 +141,19 @@ def test_compiled_decode_equals_the_eager_engine(vid, tiny, loaded):
         e.close()
 
 
+def test_compile_failure_is_a_user_error(tiny, monkeypatch):
+    """Where torch.compile cannot build the step (no C++ compiler, say), --compile ends in one clear error."""
+    _, path = tiny(MAIN)
+
+    def broken(*args, **kwargs):
+        def step(*a, **k):
+            raise RuntimeError("InductorError: C++ compile error\ng++: not found")
+        return step
+    monkeypatch.setattr(oi.torch, "compile", broken)
+    with pytest.raises(oi.UserError, match=r"^--compile failed \(InductorError: C\+\+ compile error\); decode without"):
+        oi.OffloadEngine(path, oi.OffloadConfig(cache=model.read_config(path).n_routed_experts, compile=True))
+
+
 def test_bf16_and_fp8_checkpoints(tmp_path):
     """Experts stored in bf16 or FP8 are converted to float32 when loaded into a slot: the tokens
     equal model.py's resident model of the same checkpoint."""

@@ -40,7 +40,9 @@ from tqdm import tqdm
 import cache
 import router
 from data import DataConfig, eval_windows, prepare_data, random_batch, require_windows
-from model import DEFAULT_RUN, ArgumentParser, MoE, UserError, atomic_write, build_model, remove_stale_temps, save_model, user_errors
+from checkpoint import build_model, save_model
+from cli import ArgumentParser, DEFAULT_RUN, UserError, atomic_write, remove_stale_temps, user_errors
+from model import MoE
 
 # ----------------------------------------------------------------------------------------------
 # The default base model: small enough to pretrain on 2 CPU cores in about 5 minutes, shaped like
@@ -268,7 +270,7 @@ def corpus_identity(args, corpus):
 
 
 def save_state(path, state):
-    """torch.save through model.atomic_write: a kill mid-save leaves the previous state whole."""
+    """torch.save through cli.atomic_write: a kill mid-save leaves the previous state whole."""
     with atomic_write(path) as tmp:
         torch.save(state, tmp)
 

@@ -53,11 +53,13 @@ from tqdm import tqdm
 
 import base
 import cache
+import checkpoint
+import cli
 import model
 import offload_infer as oi
 import router
 from data import DataConfig, eval_windows, prepare_data
-from model import UserError
+from cli import UserError
 
 REUSE_WINDOWS = (1, 2, 4)
 
@@ -68,10 +70,10 @@ REUSE_WINDOWS = (1, 2, 4)
 @dataclass
 class Settings:
     # models and data (the default models and token cache are where train.py writes them)
-    base: str = str(model.DEFAULT_BASE_DIR)
-    tuned: str = str(model.DEFAULT_TUNED_DIR)
+    base: str = str(cli.DEFAULT_BASE_DIR)
+    tuned: str = str(cli.DEFAULT_TUNED_DIR)
     data: str | None = None
-    data_dir: str = str(model.DEFAULT_RUN / "data")
+    data_dir: str = str(cli.DEFAULT_RUN / "data")
     out: str = "runs/bench"
     # held-out windows: quality, reuse and the cache study
     seq_len: int = 256
@@ -85,7 +87,7 @@ class Settings:
     # (a bonus on cached experts' router scores, i.e. probabilities under softmax, measured sequentially), both
     # combined, and the lambda = 0 control with and without it. Biases from 0.005, which tips only the close
     # calls between the K-th and the next expert, to 0.1, more than a top choice's whole score among 32 experts
-    sweep: str = str(model.DEFAULT_RUN / "sweep")
+    sweep: str = str(cli.DEFAULT_RUN / "sweep")
     cache_bias: tuple = (0.005, 0.01, 0.02, 0.05, 0.1)
     pareto_windows: int = 16
     # decode: offloaded decoding of the same held-out windows by every contender (teacher forcing)
@@ -128,14 +130,14 @@ def capacity_grid(multiples, K, E, with_all=False):
 def check_pair(base, tuned):
     """The base model's config, after checking that the tuned model has the same architecture:
     ReMoE changes router weights only, so every config field must agree."""
-    cfg = model.read_config(base)
+    cfg = checkpoint.read_config(base)
     try:
-        cfg_t = model.read_config(tuned)
-    except model.UserError as e:
+        cfg_t = checkpoint.read_config(tuned)
+    except cli.UserError as e:
         if not Path(tuned).is_dir():
             hint = ("make it with: python train.py" if Path(base) == Path(Settings.base)
                     else f"train.py writes it to OUT/remoe: python train.py --model {base} --out OUT")
-            raise model.UserError(f"{e} ({hint})") from None
+            raise cli.UserError(f"{e} ({hint})") from None
         raise
     if not cfg.moe_layers:
         raise UserError(f"{base}: {cfg.model_type} config has no MoE layers: there is no routing to study")
@@ -477,9 +479,9 @@ def llama_cpp(gguf_path, n_ctx, threads):
 @torch.no_grad()
 def peers(path, prompt, new_tokens, repeats, device, dtype, gguf_dir=None, compile=True):
     """Decode tokens/s of each contender (best of `repeats`, interleaved), and whether they agree."""
-    cfg = model.read_config(path)
+    cfg = checkpoint.read_config(path)
     ids = torch.tensor([prompt], device=device)
-    net = model.load_model(path, device, dtype)
+    net = checkpoint.load_model(path, device, dtype)
     want = model.generate(net, ids, new_tokens)[0, len(prompt):].tolist()  # the greedy tokens every contender decodes
     engine = oi.OffloadEngine(path, oi.OffloadConfig(cache=cfg.n_routed_experts, device=str(device),
                                                      dtype=str(dtype).removeprefix("torch.")))
@@ -752,13 +754,13 @@ def shape_checkpoint(name, folder):
     if (folder / "config.json").is_file() and json.loads((folder / "config.json").read_text()) == config:
         return folder
     with torch.device("meta"):
-        shapes = {k: v.shape for k, v in model.build_model(config).state_dict().items()}
-    cfg, gen = model.config_from_hf(config), torch.Generator().manual_seed(0)
+        shapes = {k: v.shape for k, v in checkpoint.build_model(config).state_dict().items()}
+    cfg, gen = checkpoint.config_from_hf(config), torch.Generator().manual_seed(0)
     state = {}
     for k, shape in tqdm(shapes.items(), desc=f"building {name}", unit="tensor", file=sys.stderr, disable=None):
         t = torch.ones(shape) if len(shape) == 1 else torch.randn(shape, generator=gen) * 0.02
-        state[model.disk_name(cfg, k)] = t.to(torch.bfloat16)
-    with model.atomic_write(folder) as tmp:
+        state[checkpoint.disk_name(cfg, k)] = t.to(torch.bfloat16)
+    with cli.atomic_write(folder) as tmp:
         tmp.mkdir()
         save_file(state, tmp / "model.safetensors", metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
@@ -781,7 +783,7 @@ def gemv_bandwidth(dtype, mb=512, repeats=5):
 def active_bytes(cfg, dtype):
     """Weight bytes one decode token reads: every non-routed weight (one embedding row), K experts per MoE layer."""
     with torch.device("meta"):
-        net = model.build_model(cfg)
+        net = checkpoint.build_model(cfg)
     total = sum(p.numel() for n, p in net.named_parameters() if ".experts." not in n)
     total -= net.model.embed_tokens.weight.numel() - cfg.hidden_size
     expert = 3 * cfg.hidden_size * cfg.moe_intermediate_size
@@ -794,7 +796,7 @@ def shape_study(s, name, log=print):
     if s.threads:
         torch.set_num_threads(s.threads)
     path = shape_checkpoint(name, Path(s.out) / "shapes" / name)
-    cfg = model.read_config(path)
+    cfg = checkpoint.read_config(path)
     K, E = cfg.num_experts_per_tok, cfg.n_routed_experts
     caps = s.decode_capacities or capacity_grid(s.decode_multiples, K, E)
     check_settings(s, cfg, caps)
@@ -858,9 +860,9 @@ def run(s, log=print):
     dec_caps = s.decode_capacities or capacity_grid(s.decode_multiples, K, E)
     check_settings(s, cfg, caps + dec_caps)
     sweep = sweep_models(s.sweep, s.base)
-    device, device_why = model.pick_device(s.device)
+    device, device_why = cli.pick_device(s.device)
     # decided once for every section, by the engine's rule, so that the batched passes and the engine compute alike
-    dtype, dtype_why = model.pick_dtype(device, model.stored_dtype(s.base))
+    dtype, dtype_why = cli.pick_dtype(device, checkpoint.stored_dtype(s.base))
     windows, decode_windows, source, test_ids = held_out(s, cfg)
     test_tokens = len(test_ids)
     W, T = windows.shape[0], windows.shape[1] - 1
@@ -885,7 +887,7 @@ def run(s, log=print):
     progress.section("quality")
     passes, certificate = {}, {}
     for name, path in paths.items():
-        net = model.load_model(path, device, dtype)
+        net = checkpoint.load_model(path, device, dtype)
         passes[name] = teacher_forced(net, windows, s.batch_size)
         certificate[name] = base.ablations(net, windows, batch_size=s.batch_size)
         del net  # one model in memory at a time
@@ -909,7 +911,7 @@ def run(s, log=print):
                 "ReMoE + cache-aware": [{"model": "tuned", **plain_point(first["tuned"], capacity, first["base"].top1)}]}
     runs = {"base + cache-aware": ("base", paths["base"]), "ReMoE + cache-aware": ("tuned", paths["tuned"])}
     for m in sweep:
-        net = model.load_model(m["path"], device, dtype)
+        net = checkpoint.load_model(m["path"], device, dtype)
         point = {"model": m["path"], "lambda": m["lambda"], "anchor": m["anchor"],
                  **plain_point(teacher_forced(net, windows[:n], s.batch_size), capacity, first["base"].top1)}
         del net
@@ -1240,7 +1242,7 @@ def plots(r, out_dir):
         fig = Figure(figsize=size)
         draw(r, fig)
         path = Path(out_dir) / name
-        with model.atomic_write(path) as tmp:
+        with cli.atomic_write(path) as tmp:
             fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
         written.append(str(path))
     return written
@@ -1251,13 +1253,13 @@ def write_outputs(results, traces, out_dir):
     out_dir.mkdir(parents=True, exist_ok=True)
     arrays = {k: v.to(torch.int16).numpy() for k, v in traces.items()}  # expert ids: (L, windows, T, K) each
 
-    with model.atomic_write(out_dir / "traces.npz") as tmp, open(tmp, "wb") as f:
+    with cli.atomic_write(out_dir / "traces.npz") as tmp, open(tmp, "wb") as f:
         np.savez_compressed(f, **arrays)  # a file object, so that numpy does not append .npz to the temp name
     results["files"] = {"traces": str(out_dir / "traces.npz"), "plots": plots(results, out_dir)}
     md = markdown(results)
-    with model.atomic_write(out_dir / "results.md") as tmp:
+    with cli.atomic_write(out_dir / "results.md") as tmp:
         tmp.write_text(md + "\n")
-    model.write_json(out_dir / "results.json", results)
+    cli.write_json(out_dir / "results.json", results)
     return md
 
 
@@ -1279,7 +1281,7 @@ def parse_args(argv=None):
         quick = f"; --quick: top-k x {show(QUICK[name])}{extra}" if name in QUICK else ""
         return f"(default: top-k x {show(getattr(d, name))}{extra}{quick})"
 
-    p = model.ArgumentParser(description="Measure what ReMoE saves and costs against its base model and against "
+    p = cli.ArgumentParser(description="Measure what ReMoE saves and costs against its base model and against "
                                             "cache-aware routing, in one run.")
     g = p.add_argument_group("models and data")
     g.add_argument("--base", help=f"base checkpoint folder {default('base')}")
@@ -1346,10 +1348,10 @@ def main(argv=None):
     def log(msg):  # notes and progress go to stderr, the report to stdout
         print(msg, file=sys.stderr)
 
-    with model.user_errors():
+    with cli.user_errors():
         if s.shape:
             result = shape_study(s, s.shape, log)
-            model.write_json(Path(s.out) / f"shape-{s.shape}.json", result)
+            cli.write_json(Path(s.out) / f"shape-{s.shape}.json", result)
             print(f"wrote {Path(s.out) / f'shape-{s.shape}.json'}", file=sys.stderr)
             return result
         results, traces = run(s, log=log)

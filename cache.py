@@ -55,11 +55,12 @@ from typing import NamedTuple
 
 import torch
 
-import model
+import checkpoint
+import cli
 
 POLICIES = ("lru", "lfu", "belady")
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
-EXPERT_PROJS = ("gate_proj", "up_proj", "down_proj")  # module names; disk names come from model.disk_name
+EXPERT_PROJS = ("gate_proj", "up_proj", "down_proj")  # module names; disk names come from checkpoint.disk_name
 DIRECT_ALIGN = 4096  # O_DIRECT needs offset, length and buffer aligned to the logical block size (<= 4096)
 RELEASE_ALIGN = 2 << 20  # the largest folio a fault maps with 4 KiB pages (one PMD); fault-around stays inside it
 
@@ -311,8 +312,8 @@ class ExpertStore:
         if io not in ("mmap", "direct"):
             raise ValueError(f"io must be 'mmap' or 'direct', got {io!r}")
         self.path = Path(path)
-        self.cfg = cfg or model.read_config(self.path)
-        self.parts = self._index(model.checkpoint_tensors(self.path))
+        self.cfg = cfg or checkpoint.read_config(self.path)
+        self.parts = self._index(checkpoint.checkpoint_tensors(self.path))
         self.files = sorted({i.file for parts in self.parts.values() for pair in parts for i in pair if i is not None})
         first = self.parts[next(iter(self.parts))]
         self.expert_bytes = sum(i.end - i.start for pair in first for i in pair if i is not None)  # on disk
@@ -337,9 +338,9 @@ class ExpertStore:
         """(layer, expert) -> [(weight TensorInfo, FP8 scale TensorInfo or None)] in EXPERT_PROJS order,
         each checked against the config, so a bad checkpoint fails here and not mid-decode."""
         cfg = self.cfg
-        if not cfg.moe_layers or not any(model.is_routed_expert(name) for name in infos):
+        if not cfg.moe_layers or not any(checkpoint.is_routed_expert(name) for name in infos):
             example = self._name(cfg.moe_layers[0] if cfg.moe_layers else 0, 0, "gate_proj")
-            raise model.UserError(f"{self.path}: no routed expert tensors in the checkpoint "
+            raise cli.UserError(f"{self.path}: no routed expert tensors in the checkpoint "
                                         f"(expected names like {example!r})")
         D, Fw = cfg.hidden_size, cfg.moe_intermediate_size
         shapes = {"gate_proj": (Fw, D), "up_proj": (Fw, D), "down_proj": (D, Fw)}
@@ -351,20 +352,20 @@ class ExpertStore:
                     name = self._name(layer, e, proj)
                     info = infos.get(name)
                     if info is None:
-                        raise model.UserError(f"{self.path}: missing routed expert tensor {name!r}")
+                        raise cli.UserError(f"{self.path}: missing routed expert tensor {name!r}")
                     if info.shape != shapes[proj]:
-                        raise model.UserError(f"{info.file}: tensor {name!r} has shape {list(info.shape)}, "
+                        raise cli.UserError(f"{info.file}: tensor {name!r} has shape {list(info.shape)}, "
                                                     f"config implies {list(shapes[proj])}")
                     scale = infos.get(name + "_scale_inv") if info.dtype in FP8_DTYPES else None
                     if info.dtype in FP8_DTYPES and scale is None:
-                        raise model.UserError(f"{info.file}: FP8 tensor {name!r} has no "
+                        raise cli.UserError(f"{info.file}: FP8 tensor {name!r} has no "
                                                     f"{name + '_scale_inv'!r}")
                     parts.append((info, scale))
                 index[(layer, e)] = parts
         return index
 
     def _name(self, layer, expert, proj):
-        return model.disk_name(self.cfg, f"model.layers.{layer}.mlp.experts.{expert}.{proj}.weight")
+        return checkpoint.disk_name(self.cfg, f"model.layers.{layer}.mlp.experts.{expert}.{proj}.weight")
 
     def _open_direct(self):
         reason = None
@@ -412,7 +413,7 @@ class ExpertStore:
             buf = self._buffer()
             n = os.preadv(self.direct_fds[info.file], [memoryview(buf)[: b - a]], a)
             if n < info.end - a:
-                raise model.UserError(f"{info.file}: short read at byte {a} ({n} bytes)")
+                raise cli.UserError(f"{info.file}: short read at byte {a} ({n} bytes)")
             self._count(n)
             t = torch.frombuffer(buf, dtype=info.dtype, count=count, offset=info.start - a)
         else:
@@ -446,7 +447,7 @@ class ExpertStore:
             if scale is not None:
                 s = self._view(scale).clone()  # read first: the weight's read may reuse the buffer
                 self._release(scale)
-                dst.copy_(model.dequantize_fp8(self._view(info), s, self.cfg.fp8_block))
+                dst.copy_(checkpoint.dequantize_fp8(self._view(info), s, self.cfg.fp8_block))
             else:
                 dst.copy_(self._view(info))
             self._release(info)
@@ -523,10 +524,10 @@ def read_bandwidth(store, experts, seed=0, in_flight=1):
 # Command line: hit rates of every policy on a text's routing, or the store's read bandwidth
 
 def main(argv=None):
-    p = model.ArgumentParser(description="Replay a model's routing of a text through expert caches, "
+    p = cli.ArgumentParser(description="Replay a model's routing of a text through expert caches, "
                                             "or measure how fast experts are read from disk.")
-    p.add_argument("--model", default=None, help=f"checkpoint folder (default: {model.DEFAULT_TUNED_DIR} if it "
-                                                 f"exists, else {model.DEFAULT_BASE_DIR})")
+    p.add_argument("--model", default=None, help=f"checkpoint folder (default: {cli.DEFAULT_TUNED_DIR} if it "
+                                                 f"exists, else {cli.DEFAULT_BASE_DIR})")
     p.add_argument("--text", default=__file__, help="text file whose routing is replayed (default: this file)")
     p.add_argument("--tokens", type=int, default=512, help="tokens of the text to route (capped by the context)")
     p.add_argument("--capacity", type=int, nargs="+", default=[4, 8, 16], help="experts per MoE layer to simulate")
@@ -538,11 +539,11 @@ def main(argv=None):
                                                                "(default: needed together)")
     p.add_argument("--read-bench", action="store_true", help="measure mmap and O_DIRECT read bandwidth instead")
     args = p.parse_args(argv)
-    path = Path(args.model or model.default_model_dir())
-    with model.user_errors():
+    path = Path(args.model or cli.default_model_dir())
+    with cli.user_errors():
         if any(c < 1 for c in args.capacity):
-            raise model.UserError(f"--capacity values must be >= 1, got {args.capacity}")
-        cfg = model.read_config(path)
+            raise cli.UserError(f"--capacity values must be >= 1, got {args.capacity}")
+        cfg = checkpoint.read_config(path)
         if args.read_bench:
             for io in ("mmap", "direct"):
                 with ExpertStore(path, cfg, io) as store:
@@ -553,12 +554,12 @@ def main(argv=None):
                     print(f"{io:6s}: {bw / 1e6:8.1f} MB/s over {len(experts)} experts of "
                           f"{store.expert_bytes / 1e6:.3f} MB, random order")
             return
-        tok = model.load_tokenizer(path)
+        tok = checkpoint.load_tokenizer(path)
         if tok is None:
-            raise model.UserError(f"{path}: no tokenizer.json to encode --text")
+            raise cli.UserError(f"{path}: no tokenizer.json to encode --text")
         if not Path(args.text).is_file():
-            raise model.UserError(f"--text {args.text}: no such file")
-        net = model.load_model(path)
+            raise cli.UserError(f"--text {args.text}: no such file")
+        net = checkpoint.load_model(path)
     ids = tok.encode(Path(args.text).read_text()).ids[: min(args.tokens, cfg.max_position_embeddings)]
     with torch.no_grad():
         _, routing = net(torch.tensor([ids]), return_routing=True)

@@ -13,8 +13,8 @@ What it teaches, top to bottom:
 
 What it leaves out: corpora larger than memory, attention masks at document boundaries (a window
 may straddle two documents, as in GPT-2 training), and deduplication. Bad input (a missing path, a
-malformed line, a split too small for one window) raises model.UserError: one line that names the
-file or flag and what was expected. Every file is written through model.atomic_write.
+malformed line, a split too small for one window) raises cli.UserError: one line that names the
+file or flag and what was expected. Every file is written through cli.atomic_write.
 
 Shape legend: B batch size, T sequence length (a window holds T + 1 ids: input [:, :-1],
 target [:, 1:]), N evaluation windows.
@@ -42,7 +42,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from tqdm import tqdm
 
-from model import ArgumentParser, UserError, atomic_write, user_errors
+from cli import ArgumentParser, UserError, atomic_write, user_errors
 
 EOT = "<|endoftext|>"  # document separator, GPT-2's name for it
 SPLITS = ("train", "val", "test")
@@ -256,7 +256,7 @@ def load_or_train_tokenizer(
     if path.is_file() and key_path.is_file() and key_path.read_text() == key:
         return Tokenizer.from_file(str(path))
     tok = train_tokenizer([text for _, text in corpus.train], vocab_size)
-    # model.atomic_write: a crash or Ctrl-C mid-write never leaves a half-written file to be trusted
+    # cli.atomic_write: a crash or Ctrl-C mid-write never leaves a half-written file to be trusted
     with atomic_write(path) as tmp:
         tmp.write_text(tok.to_str(), encoding="utf-8")
     with atomic_write(key_path) as tmp:  # written last: it vouches for a complete tokenizer.json

@@ -39,8 +39,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from model import (ArgumentParser, UserError, atomic_write, load_model, read_config, rope_frequencies, stored_dtype, user_errors,
-                   yarn_mscale)
+from checkpoint import load_model, read_config, stored_dtype
+from cli import ArgumentParser, UserError, atomic_write, user_errors
+from model import rope_frequencies, yarn_mscale
 
 # ----------------------------------------------------------------------------------------------
 # What llama.cpp runs: its name for each architecture, and the variants it cannot reproduce

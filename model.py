@@ -1,44 +1,23 @@
 """
-model.py: a fine-grained Mixture-of-Experts transformer, written out by hand, that loads the
-Hugging Face checkpoints of DeepSeek-V2/V3, Qwen2-MoE (Qwen1.5-MoE), Qwen3-MoE, OLMoE and Mixtral.
+model.py: a fine-grained Mixture-of-Experts transformer written out by hand. DeepSeek-V2/V3, Qwen2-MoE,
+Qwen3-MoE, OLMoE and Mixtral are one decoder (embed, blocks of attention + FFN, norm, head) whose FFNs
+are mostly a router (`Gate`) that picks the top-k of E small experts per token, plus optional shared
+experts. They differ in details that are fields of `ModelConfig`: the attention (MLA for DeepSeek,
+grouped-query with or without q/k norms for the others), the router's score (softmax or sigmoid), how
+the top-k is chosen and how its weights are scaled. The forward pass returns, on request, every MoE
+layer's routing: what ReMoE trains (router.py, train.py) and what an expert cache sees (cache.py). The
+routed experts come from a provider (`Experts`), which offload_infer.py replaces with a cache.
 
-What it teaches: every one of these models is the same decoder (embed, blocks of attention + FFN,
-norm, head) where most FFNs are a *router* (`gate`) that picks the top-k of E small *experts* per
-token, plus optional always-on *shared experts*. The architectures differ only in details, and
-each detail is a field of `ModelConfig`: the attention (multi-head latent attention for DeepSeek,
-grouped-query attention with or without q/k norms for the others), the router's score function
-(softmax or sigmoid), how the top-k is chosen (greedy, by expert groups, with a bias used for the
-choice only), and how the chosen weights are scaled.
+Follows DeepSeek-V2 (arXiv:2405.04434), DeepSeek-V3 (arXiv:2412.19437) and YaRN (arXiv:2309.00071);
+checkpoint.py loads the weights (parity with transformers 5.23). Leaves out padding masks, sliding
+windows, dropout and tensor parallelism.
 
-The forward pass returns, on request, every MoE layer's routing (top-k ids, combine weights, full
-router scores): that is what ReMoE fine-tunes (router.py, train.py) and what an expert cache sees
-while decoding (cache.py, offload_infer.py). Routed experts can be left on disk at load time so the
-offload engine reads them itself, by name, from the safetensors files.
-
-Follows: DeepSeek-V2 (arXiv:2405.04434) for MLA and routing, DeepSeek-V3 (arXiv:2412.19437) for
-sigmoid routing with a selection bias, YaRN (arXiv:2309.00071); parity target: transformers 5.23.
-Left out: padding masks, sliding windows, dropout, tensor parallelism.
-
-    python model.py --model runs/default/base                     # summary of a checkpoint
-    python model.py --model runs/default/base --prompt "def main():" --max-new-tokens 40
-
-Shapes: B batch, T tokens (S with the KV cache), D hidden, H heads, KV key/value heads,
-hd head dim, N = B*T flattened tokens, E routed experts, K top-k, F expert width, V vocab.
+Shapes: B batch, T tokens (S with the KV cache), D hidden, H heads, KV key/value heads, hd head dim,
+N = B*T flattened tokens, E routed experts, K top-k, F expert width, V vocab.
 """
 
-import argparse
-import json
 import math
-import mmap
-import os
-import secrets
-import shutil
-import struct
-import sys
-import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import NamedTuple
 
 import torch
@@ -46,146 +25,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
 
-SUPPORTED_MODEL_TYPES = ("deepseek_v2", "deepseek_v3", "qwen2_moe", "qwen3_moe", "olmoe", "mixtral")
-
-
 # ----------------------------------------------------------------------------------------------
-# What every script shares, kept here because this is the lowest file: where the default models
-# live, how bad input ends a program, how device and dtype are chosen, and how files are written
-
-DEFAULT_RUN = Path("runs/default")           # `python train.py` writes here: data/, base/, remoe/
-DEFAULT_BASE_DIR = DEFAULT_RUN / "base"      # the default base model (base.py builds it)
-DEFAULT_TUNED_DIR = DEFAULT_RUN / "remoe"    # its ReMoE-tuned twin (train.py)
-
-
-def default_model_dir():
-    """The model a script uses when none is given: the tuned default if train.py made one, else the base."""
-    return DEFAULT_TUNED_DIR if DEFAULT_TUNED_DIR.is_dir() else DEFAULT_BASE_DIR
-
-
-class UserError(Exception):
-    """Bad input: a file, key, flag or value that is not what was expected. The message is one line
-    that names it and says what was expected; `user_errors` turns it into that line and exit status 2."""
-
-
-@contextmanager
-def user_errors():
-    """Around a script's work: a UserError ends the program with `error: <message>` and status 2,
-    never a traceback."""
-    try:
-        yield
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse, with a bad flag reported like every other bad input: one `error:` line, status 2
-    (argparse's own prints the whole usage first); --help still shows the usage."""
-
-    def error(self, message):
-        print(f"error: {message} (see --help)", file=sys.stderr)
-        sys.exit(2)
-
-
-def pick_device(requested=None):
-    """(device, reason): the --device flag when given, else CUDA when present, else the CPU."""
-    if requested:
-        try:
-            device = torch.device(requested)
-        except RuntimeError:
-            device = None
-        if device is None or device.type not in ("cpu", "cuda"):
-            raise UserError(f"--device must be cpu, cuda or cuda:N, got {requested!r}")
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise UserError(f"--device {requested} was requested but no CUDA device is available")
-        return device, "requested with --device"
-    if torch.cuda.is_available():
-        return torch.device("cuda"), "a CUDA device is available"
-    return torch.device("cpu"), "no CUDA device is available"
-
-
-def pick_dtype(device, stored=torch.float32, requested=None):
-    """(compute dtype, reason), decided once per run. On the CPU float32, since bfloat16 matmuls run
-    about 100x slower there; on CUDA the checkpoint's own dtype (`stored`), with FP8 computed in bfloat16."""
-    if requested:
-        dtype = getattr(torch, str(requested), None)
-        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-            raise UserError(f"--dtype must be float32, bfloat16 or float16, got {requested!r}")
-        return dtype, "requested with --dtype"
-    if torch.device(device).type == "cpu":
-        return torch.float32, "float32 on the CPU, where 16-bit matmuls are ~100x slower"
-    if stored in (torch.float8_e4m3fn, torch.float8_e5m2):
-        return torch.bfloat16, "FP8 weights are computed in bfloat16"
-    return stored, f"the checkpoint's own dtype ({str(stored).removeprefix('torch.')})"
-
-
-def stored_dtype(path):
-    """The floating dtype that holds most of a checkpoint's bytes (its weights' dtype on disk)."""
-    by_dtype = {}
-    for info in checkpoint_tensors(Path(path)).values():
-        if info.dtype.is_floating_point:
-            by_dtype[info.dtype] = by_dtype.get(info.dtype, 0) + info.end - info.start
-    return max(by_dtype, key=by_dtype.get) if by_dtype else torch.float32
-
-
-@contextmanager
-def atomic_write(path):
-    """Yields a temporary path beside `path`; when the block ends without error it is renamed onto
-    `path` (a file, or a folder the block created), so a reader sees the old version or the new one,
-    never half of one. On error, Ctrl-C included, the temporary is removed; what a killed process left
-    behind is removed by the next write to the same path."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temps(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
-    try:
-        yield tmp
-        if path.is_dir() and tmp.is_dir():  # a folder cannot be renamed onto another: move the old one aside
-            old = path.with_name(f".{path.name}.old-{os.getpid()}-{secrets.token_hex(4)}")
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
-        raise
-
-
-def remove_stale_temps(path):
-    """Remove the temporaries of writes to `path` whose process is gone (killed mid-write), and put
-    back a folder that was moved aside when the process died between the two renames."""
-    for tmp in path.parent.glob(f".{path.name}.*-*-*"):
-        kind, pid = tmp.name[len(path.name) + 2:].split("-")[:2]
-        if kind not in ("tmp", "old") or not pid.isdigit() or pid_alive(int(pid)):
-            continue
-        if kind == "old" and not path.exists():
-            os.replace(tmp, path)
-        elif tmp.is_dir():
-            shutil.rmtree(tmp, ignore_errors=True)
-        else:
-            tmp.unlink(missing_ok=True)
-
-
-def pid_alive(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # it exists, owned by someone else
-    return True
-
-
-def write_json(path, obj):
-    """obj as indented JSON, written atomically."""
-    with atomic_write(path) as tmp:
-        tmp.write_text(json.dumps(obj, indent=2) + "\n")
-
-
-# ----------------------------------------------------------------------------------------------
-# Configuration: one dataclass for every architecture, built from config.json by an explicit map
+# Configuration: one dataclass for every architecture (checkpoint.py fills it from config.json)
 
 @dataclass
 class ModelConfig:
@@ -240,92 +81,6 @@ class ModelConfig:
     def attn_head_dim(self):
         return self.qk_nope_head_dim + self.qk_rope_head_dim if self.mla else self.head_dim
 
-
-def _first(d, *keys, default=None):
-    """The value of the first key present (and not null): checkpoints name some fields differently."""
-    for k in keys:
-        if d.get(k) is not None:
-            return d[k]
-    return default
-
-
-def config_from_hf(d):
-    """Map a Hugging Face config.json dict (legacy hub keys or transformers-5 keys) to ModelConfig."""
-    mt = d.get("model_type")
-    if mt not in SUPPORTED_MODEL_TYPES:
-        raise UserError(f"model_type {mt!r} is not supported; supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
-    for key in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads"):
-        if not isinstance(d.get(key), int):
-            raise UserError(f"config key {key!r} must be an integer, got {d.get(key)!r}")
-    L, H = d["num_hidden_layers"], d["num_attention_heads"]
-    c = ModelConfig(model_type=mt, vocab_size=d["vocab_size"], hidden_size=d["hidden_size"], num_hidden_layers=L,
-                    rms_norm_eps=d.get("rms_norm_eps", 1e-6), tie_word_embeddings=d.get("tie_word_embeddings", False),
-                    max_position_embeddings=d.get("max_position_embeddings", 4096),
-                    num_attention_heads=H, num_key_value_heads=d.get("num_key_value_heads") or H)
-    # rope: transformers 5 writes `rope_parameters`, the hub configs `rope_theta` + `rope_scaling`
-    rp = dict(d.get("rope_parameters") or d.get("rope_scaling") or {})
-    c.rope_theta = float(rp.get("rope_theta", d.get("rope_theta", 1e6 if mt == "mixtral" else 10000.0)))
-    c.rope_type = rp.get("rope_type", rp.get("type", "default"))
-    if c.rope_type not in ("default", "yarn"):
-        raise UserError(f"rope type {c.rope_type!r} is not supported; supported: default, yarn")
-    rp.setdefault("original_max_position_embeddings", c.max_position_embeddings)
-    c.rope_parameters = rp
-    c.n_routed_experts = _first(d, "n_routed_experts", "num_experts", "num_local_experts", default=0)
-    c.num_experts_per_tok = d.get("num_experts_per_tok", 0)
-    c.intermediate_size = d.get("intermediate_size", 0)
-    c.moe_intermediate_size = d.get("moe_intermediate_size", c.intermediate_size)
-    c.norm_topk_prob = d.get("norm_topk_prob", False)
-
-    if mt in ("deepseek_v2", "deepseek_v3"):
-        c.mla, c.q_lora_rank, c.kv_lora_rank = True, d.get("q_lora_rank"), d["kv_lora_rank"]
-        c.qk_nope_head_dim, c.qk_rope_head_dim, c.v_head_dim = d["qk_nope_head_dim"], d["qk_rope_head_dim"], d["v_head_dim"]
-        c.qkv_bias = c.o_bias = d.get("attention_bias", False)
-        c.shared_intermediate_size = c.moe_intermediate_size * (d.get("n_shared_experts") or 0)
-        first_dense = d.get("first_k_dense_replace", 3 if mt == "deepseek_v3" else 0)
-        c.moe_layers = [l for l in range(L) if l >= first_dense] if c.n_routed_experts else []
-        c.router_logits_fp32 = True
-        c.n_group, c.topk_group = d.get("n_group") or 1, d.get("topk_group") or 1
-        c.routed_scaling_factor = d.get("routed_scaling_factor") or 1.0
-        if mt == "deepseek_v2":
-            c.rope_interleave = True
-            c.topk_method = d.get("topk_method") or "greedy"
-            # transformers (our oracle) ignores norm_topk_prob for V2; every published V2 config has it false
-            c.norm_topk_prob = False
-        else:
-            c.rope_interleave = d.get("rope_interleave", True)
-            c.scoring_func, c.topk_method = "sigmoid", "noaux_tc"
-            c.norm_topk_prob = d.get("norm_topk_prob", True)
-        if c.topk_method not in ("greedy", "group_limited_greedy", "noaux_tc"):
-            raise UserError(f"topk_method {c.topk_method!r} is not supported")
-        block = (d.get("quantization_config") or {}).get("weight_block_size")
-        if block:
-            c.fp8_block = tuple(block)
-    else:
-        c.head_dim = d.get("head_dim") or c.hidden_size // H
-        c.router_weights_fp32 = mt == "mixtral"  # Mixtral keeps fp32 weights; Qwen/OLMoE cast back
-        if mt == "qwen2_moe":
-            c.qkv_bias = d.get("qkv_bias", True)
-            c.shared_intermediate_size = d.get("shared_expert_intermediate_size") or 0
-            c.shared_expert_gate = c.shared_intermediate_size > 0
-        elif mt == "qwen3_moe":
-            c.qkv_bias = c.o_bias = d.get("attention_bias", False)
-            c.qk_norm = "head"
-        elif mt == "olmoe":
-            c.qkv_bias = c.o_bias = d.get("attention_bias", False)
-            c.qk_norm, c.clip_qkv = "proj", d.get("clip_qkv")
-        elif mt == "mixtral":
-            c.norm_topk_prob = True  # Mixtral always renormalises its top-2
-        if mt in ("qwen2_moe", "qwen3_moe"):
-            # note l+1: with decoder_sparse_step 2, layers 1, 3, 5, ... are MoE
-            step, dense = d.get("decoder_sparse_step") or 1, set(d.get("mlp_only_layers") or [])
-            c.moe_layers = [l for l in range(L) if l not in dense and c.n_routed_experts > 0 and (l + 1) % step == 0]
-        else:
-            c.moe_layers = list(range(L))
-    if c.moe_layers and not 0 < c.num_experts_per_tok <= c.n_routed_experts:
-        raise UserError(f"num_experts_per_tok {c.num_experts_per_tok} must be in 1..{c.n_routed_experts}")
-    if c.topk_method != "greedy" and c.n_routed_experts % c.n_group:
-        raise UserError(f"n_routed_experts {c.n_routed_experts} is not divisible by n_group {c.n_group}")
-    return c
 
 
 # ----------------------------------------------------------------------------------------------
@@ -572,9 +327,14 @@ class MLAttention(nn.Module):
         return self.o_proj(y.transpose(1, 2).reshape(B, T, H * dv))
 
 
-class MLP(nn.Module):
-    """SwiGLU feed-forward: the dense FFN, each routed expert and the shared experts all have this form."""
+def swiglu(x, gate, up, down):
+    """SwiGLU feed-forward, down (silu(gate x) * up x), for x (..., n, D), gate and up (..., F, D), down
+    (..., D, F): the dense FFN, every routed expert and the shared experts have this form. Leading weight
+    dims batch several experts at once (offload_infer.py computes a token's K experts so)."""
+    return (F.silu(x @ gate.mT) * (x @ up.mT)) @ down.mT
 
+
+class MLP(nn.Module):
     def __init__(self, dim, hidden):
         super().__init__()
         self.gate_proj = nn.Linear(dim, hidden, bias=False)
@@ -582,7 +342,7 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(hidden, dim, bias=False)
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return swiglu(x, self.gate_proj.weight, self.up_proj.weight, self.down_proj.weight)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -760,6 +520,10 @@ class Transformer(nn.Module):
         self.gradient_checkpointing = False
         self.rope_tables = {}  # device -> (cos, sin) of every position so far, see `rope`
 
+    def moes(self):
+        """The MoE layers (router + experts) in decoder order."""
+        return [block.mlp for block in self.model.layers if isinstance(block.mlp, MoE)]
+
     def rope(self, positions, end):
         """rot = (a cos, a sin), each (T, rope_dim/2) in fp32, for the given positions (T,), all below `end`
         (a: YaRN's attention factor, else 1). A table of every position below `end` is kept per device (a
@@ -795,259 +559,6 @@ class Transformer(nn.Module):
             kv_cache.advance(T)
         return (logits, routing) if return_routing else logits
 
-
-def build_model(config, experts_on_disk=False):
-    """A Transformer from a config.json dict (or ModelConfig), on the current default device."""
-    cfg = config if isinstance(config, ModelConfig) else config_from_hf(config)
-    return Transformer(cfg, experts_on_disk)
-
-
-# ----------------------------------------------------------------------------------------------
-# Safetensors, read directly: the header gives every tensor's dtype, shape and byte range, so a
-# tensor is a zero-copy view of the memory-mapped file (cache.py's expert store reads the same way)
-
-SAFETENSORS_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
-}
-
-
-class TensorInfo(NamedTuple):
-    file: Path
-    dtype: torch.dtype
-    shape: tuple
-    start: int  # absolute byte offset in the file
-    end: int
-
-
-def read_safetensors_header(path):
-    """{name: TensorInfo} of one .safetensors file, after checking the header as the format defines
-    it: an 8-byte little-endian length, then a JSON object mapping each name to its dtype, shape and
-    [begin, end) byte range in the data that follows; the ranges tile the data exactly, in order,
-    without gaps or overlaps, and each is as long as dtype x shape says. Anything else is a damaged
-    file, reported in one line before any weight is read."""
-    path = Path(path)
-    size = path.stat().st_size
-
-    def damaged(what):
-        return UserError(f"{path}: damaged safetensors file: {what}")
-
-    with open(path, "rb") as f:
-        raw = f.read(8)
-        if len(raw) < 8:
-            raise damaged(f"{size} bytes, too short for the 8-byte header length")
-        n = struct.unpack("<Q", raw)[0]
-        if n > size - 8:
-            raise damaged(f"the header claims {n:,} bytes but the file has {size:,} (truncated or not safetensors)")
-        try:
-            header = json.loads(f.read(n))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise damaged(f"the header is not valid JSON ({e})") from None
-    if not isinstance(header, dict):
-        raise damaged(f"the header is a JSON {type(header).__name__}, expected an object of tensors")
-    infos = {}
-    for name, meta in header.items():
-        if name == "__metadata__":
-            continue
-        if not isinstance(meta, dict):
-            raise damaged(f"entry {name!r} is {meta!r}, expected an object with dtype, shape and data_offsets")
-        dtype, shape, offsets = meta.get("dtype"), meta.get("shape"), meta.get("data_offsets")
-        if dtype not in SAFETENSORS_DTYPES:
-            raise damaged(f"tensor {name!r} has dtype {dtype!r}, expected one of {', '.join(SAFETENSORS_DTYPES)}")
-        if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
-            raise damaged(f"tensor {name!r} has shape {shape!r}, expected a list of non-negative integers")
-        if (not isinstance(offsets, list) or len(offsets) != 2 or not all(type(o) is int for o in offsets)
-                or not 0 <= offsets[0] <= offsets[1]):
-            raise damaged(f"tensor {name!r} has data_offsets {offsets!r}, expected [begin, end] with 0 <= begin <= end")
-        dtype = SAFETENSORS_DTYPES[dtype]
-        if offsets[1] - offsets[0] != math.prod(shape) * dtype.itemsize:
-            raise damaged(f"tensor {name!r} spans {offsets[1] - offsets[0]} bytes, but shape {shape} of "
-                          f"{meta['dtype']} needs {math.prod(shape) * dtype.itemsize}")
-        infos[name] = TensorInfo(path, dtype, tuple(shape), 8 + n + offsets[0], 8 + n + offsets[1])
-    # the byte ranges must tile the data: each starts where the previous ended, the last ends the file
-    at = 8 + n
-    for name, info in sorted(infos.items(), key=lambda kv: (kv[1].start, kv[1].end)):
-        if info.start != at:
-            what = "overlaps the previous tensor" if info.start < at else f"leaves a gap of {info.start - at} bytes"
-            raise damaged(f"tensor {name!r} starts at data byte {info.start - 8 - n}, expected {at - 8 - n} ({what})")
-        at = info.end
-    if at != size:
-        raise damaged(f"the tensors end at byte {at:,}, but the file has {size:,} (truncated or padded)")
-    return infos
-
-
-class MappedFiles:
-    """Memory maps of the checkpoint's files, opened once; tensors are views into them."""
-
-    def __init__(self):
-        self.maps = {}
-
-    def tensor(self, info):
-        if info.file not in self.maps:
-            with open(info.file, "rb") as f:
-                # copy-on-write map: tensors may be written to (e.g. the router while training) without touching the file
-                self.maps[info.file] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
-        count = math.prod(info.shape)
-        if count == 0:
-            return torch.empty(info.shape, dtype=info.dtype)
-        return torch.frombuffer(self.maps[info.file], dtype=info.dtype, count=count, offset=info.start).view(info.shape)
-
-
-def checkpoint_tensors(path):
-    """{name: TensorInfo} for a checkpoint folder: one model.safetensors, or the shards of the index."""
-    path = Path(path)
-    index = path / "model.safetensors.index.json"
-    if index.exists():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
-            raise UserError(f"{index}: expected JSON with a 'weight_map' object ({e})") from None
-        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
-            raise UserError(f"{index}: 'weight_map' must map tensor names to shard file names")
-        infos = {}
-        for shard in sorted(set(weight_map.values())):
-            if not (path / shard).is_file():
-                raise UserError(f"{index}: shard {shard!r} is named in weight_map but missing from {path}")
-            header = read_safetensors_header(path / shard)
-            for name, file in weight_map.items():
-                if file == shard:
-                    if name not in header:
-                        raise UserError(f"{path / shard}: tensor {name!r} listed in the index is not in the shard")
-                    infos[name] = header[name]
-        return infos
-    single = path / "model.safetensors"
-    if not single.is_file():
-        raise UserError(f"{path}: no model.safetensors or model.safetensors.index.json")
-    return read_safetensors_header(single)
-
-
-# Where a module name differs from the checkpoint's tensor name: one table per architecture.
-RENAMES = {
-    "mixtral": [(".block_sparse_moe.", ".mlp."), (".w1.", ".gate_proj."), (".w3.", ".up_proj."), (".w2.", ".down_proj.")],
-}
-
-
-def module_name(cfg, disk_name):
-    for disk, mod in RENAMES.get(cfg.model_type, []):
-        disk_name = disk_name.replace(disk, mod)
-    return disk_name
-
-
-def disk_name(cfg, module_name):
-    for disk, mod in RENAMES.get(cfg.model_type, []):
-        module_name = module_name.replace(mod, disk)
-    return module_name
-
-
-def is_routed_expert(name):
-    return ".mlp.experts." in name or ".block_sparse_moe.experts." in name
-
-
-def dequantize_fp8(w, scale_inv, block):
-    """DeepSeek-V3 FP8: W = W_fp8 * s[i // bo, j // bi], one fp32 scale per (bo, bi) block (edges partial)."""
-    bo, bi = block
-    s = scale_inv.float().repeat_interleave(bo, 0)[: w.shape[0]].repeat_interleave(bi, 1)[:, : w.shape[1]]
-    return w.float() * s
-
-
-def read_config(path):
-    path = Path(path)
-    if path.is_file():
-        raise UserError(f"{path}: is a file, expected a model folder (config.json, *.safetensors)")
-    if not path.is_dir():
-        raise UserError(f"{path}: model folder does not exist "
-                        f"(python train.py builds the default ones in {DEFAULT_RUN})")
-    cfg_file = path / "config.json"
-    if not cfg_file.is_file():
-        raise UserError(f"{path}: no config.json in the model folder")
-    try:
-        d = json.loads(cfg_file.read_text())
-    except json.JSONDecodeError as e:
-        raise UserError(f"{cfg_file}: not valid JSON ({e})") from None
-    if not isinstance(d, dict):
-        raise UserError(f"{cfg_file}: a JSON {type(d).__name__}, expected an object of config keys")
-    try:
-        return config_from_hf(d)
-    except UserError as e:
-        raise UserError(f"{cfg_file}: {e}") from None
-    except (KeyError, TypeError) as e:
-        raise UserError(f"{cfg_file}: missing or malformed key {e}") from None
-
-
-def load_model(path, device="cpu", dtype=torch.float32, experts_on_disk=False):
-    """Build the model on the meta device, then fill it from memory-mapped safetensors, checking that
-    the checkpoint has exactly the tensors the config implies, each with the right shape."""
-    path = Path(path)
-    cfg = read_config(path)
-    with torch.device("meta"):
-        model = Transformer(cfg, experts_on_disk)
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    infos = checkpoint_tensors(path)
-    files, state = MappedFiles(), {}
-    for name, info in infos.items():
-        parts = name.split(".")
-        if name.endswith("_scale_inv") or name.endswith("rotary_emb.inv_freq"):
-            continue  # FP8 scales are used with their weight; rotary buffers are recomputed
-        if name.startswith("model.layers.") and parts[2].isdigit() and int(parts[2]) >= cfg.num_hidden_layers:
-            continue  # DeepSeek-V3's multi-token-prediction layer (61) is not part of the decoder
-        if experts_on_disk and is_routed_expert(name):
-            continue
-        key = module_name(cfg, name)
-        if key not in expected:
-            raise UserError(f"{info.file}: unexpected tensor {name!r} for a {cfg.model_type} model with this config")
-        if info.shape != expected[key]:
-            raise UserError(f"{info.file}: tensor {name!r} has shape {list(info.shape)}, "
-                                  f"config implies {list(expected[key])}")
-        t = files.tensor(info)
-        if t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
-            scale = infos.get(name + "_scale_inv")
-            if scale is None:
-                raise UserError(f"{info.file}: FP8 tensor {name!r} has no {name + '_scale_inv'!r}")
-            t = dequantize_fp8(t, files.tensor(scale), cfg.fp8_block)
-        keep_fp32 = name.endswith("e_score_correction_bias")  # tiny, and used for exact comparisons
-        state[key] = t.to(device=device, dtype=torch.float32 if keep_fp32 else dtype)
-    if cfg.tie_word_embeddings and "lm_head.weight" not in state and "model.embed_tokens.weight" in state:
-        state["lm_head.weight"] = state["model.embed_tokens.weight"]
-    missing = [k for k in expected if k not in state]
-    if missing:
-        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
-        raise UserError(f"{path}: missing tensor {disk_name(cfg, missing[0])!r}{more}")
-    model.load_state_dict(state, assign=True, strict=True)
-    return model.eval()
-
-
-def load_tokenizer(path):
-    """The checkpoint's tokenizer.json as a `tokenizers.Tokenizer`, or None when there is none."""
-    f = Path(path) / "tokenizer.json"
-    if not f.is_file():
-        return None
-    from tokenizers import Tokenizer
-    try:
-        return Tokenizer.from_file(str(f))
-    except Exception as e:  # tokenizers raises a bare Exception on malformed files
-        raise UserError(f"{f}: not a valid tokenizer.json ({str(e).splitlines()[0]})") from None
-
-
-def save_model(model, out_dir, config_dict, files=None):
-    """Write `model` to out_dir in the Hugging Face layout that load_model (and transformers) read:
-    config.json and model.safetensors under the checkpoint's tensor names, plus `files`
-    {name: text, or a Path to copy}; all in a temporary folder renamed into place at the end."""
-    from safetensors.torch import save_file
-
-    cfg = model.config
-    state = {disk_name(cfg, k): v.detach().contiguous() for k, v in model.state_dict().items()
-             if not (cfg.tie_word_embeddings and k == "lm_head.weight")}  # a tied head is the embedding
-    with atomic_write(out_dir) as tmp:
-        tmp.mkdir()
-        save_file(state, tmp / "model.safetensors", metadata={"format": "pt"})
-        (tmp / "model.safetensors").chmod(0o644)  # save_file makes it private; a model is meant to be shared
-        (tmp / "config.json").write_text(json.dumps(config_dict, indent=2) + "\n")
-        for name, content in (files or {}).items():
-            if isinstance(content, Path):
-                shutil.copyfile(content, tmp / name)
-            else:
-                (tmp / name).write_text(content)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1089,37 +600,3 @@ def count_parameters(model):
     return total, total - inactive
 
 
-# ----------------------------------------------------------------------------------------------
-# Command line: a summary of a checkpoint, or a short generation
-
-def main(argv=None):
-    p = ArgumentParser(description="Load a MoE checkpoint with model.py; summarise it or continue a prompt.")
-    p.add_argument("--model", default=str(DEFAULT_BASE_DIR), help="checkpoint folder in Hugging Face layout "
-                                                                 "(default: %(default)s)")
-    p.add_argument("--prompt", default=None, help="text to continue, greedily (needs tokenizer.json in the folder)")
-    p.add_argument("--max-new-tokens", type=int, default=40, help="tokens to generate after --prompt (default: 40)")
-    args = p.parse_args(argv)
-    with user_errors():
-        if args.max_new_tokens < 1:
-            raise UserError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
-        t0 = time.perf_counter()
-        model = load_model(args.model)
-        tok = load_tokenizer(args.model)
-        if args.prompt is not None and tok is None:
-            raise UserError(f"{args.model}: no tokenizer.json to encode --prompt")
-        ids = torch.tensor([tok.encode(args.prompt).ids]) if args.prompt is not None else None
-        if ids is not None and not 0 < ids.shape[1] + args.max_new_tokens <= model.config.max_position_embeddings:
-            raise UserError(f"--prompt ({ids.shape[1]} tokens) plus --max-new-tokens {args.max_new_tokens} must fit "
-                            f"the model's context of {model.config.max_position_embeddings} tokens")
-    cfg = model.config
-    total, active = count_parameters(model)
-    print(f"{args.model}: {cfg.model_type}, {cfg.num_hidden_layers} layers ({len(cfg.moe_layers)} MoE), "
-          f"{cfg.n_routed_experts} experts top-{cfg.num_experts_per_tok}, {total:,} parameters "
-          f"({active:,} active), loaded in {time.perf_counter() - t0:.2f}s")
-    if ids is not None:
-        out = generate(model, ids, args.max_new_tokens)
-        print(tok.decode(out[0].tolist()))
-
-
-if __name__ == "__main__":
-    main()

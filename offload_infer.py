@@ -64,9 +64,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import checkpoint
+import cli
 import model
 from cache import ExpertCache, ExpertStore, needed_experts, read_bandwidth, step_protect
-from model import UserError
+from cli import UserError
 
 
 @dataclass
@@ -399,7 +401,7 @@ class OffloadEngine:
     def __init__(self, path, opts=None):
         self.opts = opts = opts or OffloadConfig()
         self.path = Path(path)
-        cfg = self.cfg = model.read_config(self.path)
+        cfg = self.cfg = checkpoint.read_config(self.path)
         check_cache_size(cfg, opts.cache)
         if opts.compile and opts.cache != cfg.n_routed_experts:
             raise UserError(f"--compile needs every expert resident (--cache {cfg.n_routed_experts}), got --cache "
@@ -409,9 +411,9 @@ class OffloadEngine:
             raise UserError(f"--policy must be lru or lfu, got {opts.policy!r} (belady needs the future: "
                             f"use cache.simulate on a trace)")
         self.store = ExpertStore(self.path, cfg, opts.io)
-        self.device, self.device_reason = model.pick_device(opts.device)
-        self.dtype, self.dtype_reason = model.pick_dtype(self.device, model.stored_dtype(self.path), opts.dtype)
-        self.model = model.load_model(self.path, self.device, self.dtype, experts_on_disk=True)
+        self.device, self.device_reason = cli.pick_device(opts.device)
+        self.dtype, self.dtype_reason = cli.pick_dtype(self.device, checkpoint.stored_dtype(self.path), opts.dtype)
+        self.model = checkpoint.load_model(self.path, self.device, self.dtype, experts_on_disk=True)
         self.store.drop_page_cache()  # a miss must be a read, even right after the checkpoint was written
         self.record, self.resident = Record(), False
         self.loader = ExpertLoader(self.store, self.dtype, self.device)
@@ -688,7 +690,7 @@ def physical_bound(path, windows, prompt_len, capacities, opts=None, log=print):
     reads a token's misses in a layer up to ExpertLoader.READ_THREADS at a time, so each row also has the
     stricter bound at the bandwidth of that many reads in flight."""
     opts = opts or OffloadConfig()
-    cfg = model.read_config(path)
+    cfg = checkpoint.read_config(path)
     with ExpertStore(path, cfg, "direct") as store:
         if store.fallback:
             log(f"note: {store.fallback}")
@@ -744,10 +746,10 @@ class TextStream:
 
 def parse_args(argv=None):
     d = OffloadConfig()
-    p = model.ArgumentParser(description="Decode with routed experts on disk and an expert cache per MoE layer.")
+    p = cli.ArgumentParser(description="Decode with routed experts on disk and an expert cache per MoE layer.")
     g = p.add_argument_group("model and prompt")
-    g.add_argument("--model", default=None, help=f"checkpoint folder (default: {model.DEFAULT_TUNED_DIR} if it "
-                                                 f"exists, else {model.DEFAULT_BASE_DIR})")
+    g.add_argument("--model", default=None, help=f"checkpoint folder (default: {cli.DEFAULT_TUNED_DIR} if it "
+                                                 f"exists, else {cli.DEFAULT_BASE_DIR})")
     g.add_argument("--prompt", default="def main():", help="text to continue (needs tokenizer.json in the folder)")
     g.add_argument("--prompt-ids", default=None, help="comma-separated token ids instead of --prompt "
                                                       "(for checkpoints without a tokenizer)")
@@ -777,10 +779,10 @@ def parse_args(argv=None):
                                                         "--bench-models model, plain and with --cache-bias, interleaved; "
                                                         "then time per token against the physical bound")
     g.add_argument("--bench-models", nargs="+", default=None,
-                   help=f"models to compare, the first the baseline (default: {model.DEFAULT_BASE_DIR} and "
-                        f"{model.DEFAULT_TUNED_DIR}, else --model)")
+                   help=f"models to compare, the first the baseline (default: {cli.DEFAULT_BASE_DIR} and "
+                        f"{cli.DEFAULT_TUNED_DIR}, else --model)")
     g.add_argument("--data", default=None, help="text whose test split gives the windows (default: the Python stdlib)")
-    g.add_argument("--data-dir", default=str(model.DEFAULT_RUN / "data"), help="token cache (default: %(default)s)")
+    g.add_argument("--data-dir", default=str(cli.DEFAULT_RUN / "data"), help="token cache (default: %(default)s)")
     g.add_argument("--bench-windows", type=int, default=16, help="windows per contender, after one warm-up "
                                                                  "(default: %(default)s)")
     g.add_argument("--bench-prompt", type=int, default=32, help="tokens prefilled per window (default: %(default)s)")
@@ -806,7 +808,7 @@ def prompt_token_ids(args, tok, cfg):
 def bench_windows(args, path):
     """(N + 1, P + C) windows of the test split (the first a warm-up), tokenized as the model's tokenizer does."""
     from data import DataConfig, eval_windows, prepare_data  # data.py is only needed here
-    if model.load_tokenizer(path) is None:
+    if checkpoint.load_tokenizer(path) is None:
         raise UserError(f"{path}: no tokenizer.json to tokenize the benchmark's text")
     _, _, data = prepare_data(DataConfig(data=args.data), Path(args.data_dir), Path(path))
     length = args.bench_prompt + args.bench_tokens
@@ -818,9 +820,9 @@ def bench_windows(args, path):
 
 def run_bench(args, opts, log=print):
     """--bench: the same-token decode table, then the physical-bound table of the first model."""
-    paths = args.bench_models or [str(p) for p in (model.DEFAULT_BASE_DIR, model.DEFAULT_TUNED_DIR) if p.is_dir()]
+    paths = args.bench_models or [str(p) for p in (cli.DEFAULT_BASE_DIR, cli.DEFAULT_TUNED_DIR) if p.is_dir()]
     paths = paths or [args.model]
-    cfgs = [model.read_config(p) for p in paths]
+    cfgs = [checkpoint.read_config(p) for p in paths]
     for p, c in zip(paths[1:], cfgs[1:]):
         if asdict(c) != asdict(cfgs[0]):
             raise UserError(f"{p} and {paths[0]} have different architectures; --bench compares twins (same experts)")
@@ -871,29 +873,29 @@ def run_bench(args, opts, log=print):
 
 def main(argv=None):
     args = parse_args(argv)
-    args.model = args.model or str(model.default_model_dir())
+    args.model = args.model or str(cli.default_model_dir())
     opts = OffloadConfig(cache=args.cache, policy=args.policy, io=args.io, device=args.device, dtype=args.dtype,
                          cache_bias=args.cache_bias, prefetch=args.prefetch, compile=args.compile)
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     if args.bench:
-        with model.user_errors():
+        with cli.user_errors():
             if args.compile:
                 raise UserError("--bench times the offloaded engine, which runs uncompiled; the compiled resident "
                                 "engine is timed in bench.py's peers section")
             result = run_bench(args, opts)
             if args.json:
-                model.write_json(args.json, result)
+                cli.write_json(args.json, result)
         return
-    with model.user_errors():
+    with cli.user_errors():
         # every check on user input comes before the (slow) load
-        cfg = model.read_config(args.model)
+        cfg = checkpoint.read_config(args.model)
         check_cache_size(cfg, args.cache)
         if args.temperature < 0:
             raise UserError(f"--temperature must be >= 0, got {args.temperature}")
         if not 0 < args.top_p <= 1:
             raise UserError(f"--top-p must be in (0, 1], got {args.top_p}")
-        tok = model.load_tokenizer(args.model)
+        tok = checkpoint.load_tokenizer(args.model)
         prompt = prompt_token_ids(args, tok, cfg)
         check_prompt(cfg, len(prompt), args.max_new_tokens)
         if args.compile and args.cache == cfg.n_routed_experts:  # (else the engine refuses, in one line)
@@ -920,7 +922,7 @@ def main(argv=None):
     if args.json:
         figures = dict(model=str(args.model), **asdict(opts), **asdict(r))
         figures.update(device=str(engine.device), dtype=dtype, threads=torch.get_num_threads())
-        model.write_json(args.json, figures)
+        cli.write_json(args.json, figures)
 
 
 if __name__ == "__main__":

@@ -52,8 +52,8 @@ import base
 import cache
 import router
 from data import DataConfig, prepare_data, random_batch, require_windows
-from model import (DEFAULT_RUN, ArgumentParser, UserError, atomic_write, disk_name, load_model, pick_device, pick_dtype, read_config,
-                   stored_dtype, user_errors)
+from checkpoint import disk_name, load_model, read_config, stored_dtype
+from cli import ArgumentParser, DEFAULT_RUN, UserError, atomic_write, pick_device, pick_dtype, user_errors
 
 # ----------------------------------------------------------------------------------------------
 # What is trained, and the anchor it is held to
@@ -235,7 +235,7 @@ def full_tensor(t):
 
 
 def export_tuned(base_dir, out_dir, cfg, routers, results):
-    """Write out_dir atomically (model.atomic_write): every file of base_dir hard-linked (or copied),
+    """Write out_dir atomically (cli.atomic_write): every file of base_dir hard-linked (or copied),
     except the safetensors files that hold router tensors, which are rewritten with the tuned routers
     in the checkpoint's own dtype. Names, shapes, shards and the index stay exactly as they were."""
     base_dir, out_dir = Path(base_dir), Path(out_dir)
@@ -282,7 +282,7 @@ def under_torchrun():
 
 
 def process_device(requested):
-    """(device, reason) from model.pick_device; under torchrun on GPUs each process takes its own GPU."""
+    """(device, reason) from cli.pick_device; under torchrun on GPUs each process takes its own GPU."""
     device, why = pick_device(requested)
     if device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))

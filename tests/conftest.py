@@ -61,9 +61,9 @@ def loaded(tiny):
 
     def get(variant_id):
         if variant_id not in cache:
-            import model as remoe
+            import checkpoint
 
-            net = remoe.load_model(tiny(variant_id)[1])
+            net = checkpoint.load_model(tiny(variant_id)[1])
             net.eval()
             cache[variant_id] = net
         return cache[variant_id]

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 import bench
 import cache
+import checkpoint
 import model
 import offload_infer as oi
 import router
@@ -72,7 +73,7 @@ def truth(pair):
     windows = eval_windows(data.test, SEQ_LEN, WINDOWS)  # (W, T+1)
     out = {"windows": windows, "test": data.test}
     for name in ("base", "tuned"):
-        net = model.load_model(pair[name])
+        net = checkpoint.load_model(pair[name])
         with torch.no_grad():
             logits, routing = net(windows[:, :-1], return_routing=True)
         out[name] = {"net": net, "logits": logits, "indices": [r.indices for r in routing]}  # [L] (W, T, K)
@@ -233,7 +234,7 @@ def test_pareto_points_against_a_resident_loop(run, truth, pair):
     assert set(pa["families"]) == {"base + cache-aware", "ReMoE + cache-aware", "lambda=0 control + cache-aware",
                                    "ReMoE lambda sweep (distill)"}
     nets = {"base": truth["base"]["net"], "tuned": truth["tuned"]["net"],
-            **{str(pair["sweep"] / d / "remoe"): model.load_model(pair["sweep"] / d / "remoe")
+            **{str(pair["sweep"] / d / "remoe"): checkpoint.load_model(pair["sweep"] / d / "remoe")
                for d in ("distill-lambda0", "distill-lambda1")}}
     for family, pts in pa["families"].items():
         for p in pts:
@@ -434,7 +435,7 @@ def test_shape_study_on_a_small_shape(tmp_path, monkeypatch):
     path = tmp_path / "shapes" / "small"
     assert {t.dtype for t in read_tensors(path).values()} == {torch.bfloat16}
     hf = load_oracle(path)
-    cfg = model.read_config(path)
+    cfg = checkpoint.read_config(path)
     per_expert = 3 * 64 * 32
     non_expert = sum(p.numel() for n, p in hf.named_parameters() if ".experts." not in n) - (128 - 1) * 64
     assert result["active_bytes_per_token"] == 4 * (non_expert + len(cfg.moe_layers) * 4 * per_expert)

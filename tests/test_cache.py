@@ -25,7 +25,8 @@ import pytest
 import torch
 
 import cache
-import model
+import checkpoint
+import cli
 from oracles import lru_hits
 from tiny import make_checkpoint, read_config, read_tensors, write_checkpoint, write_fp8_checkpoint
 
@@ -242,7 +243,7 @@ def test_options_are_validated():
 # ----------------------------------------------------------------------------------------------
 # the disk store
 
-PROJ_ON_DISK = {  # module name -> each architecture's tensor name, written out independently of model.RENAMES
+PROJ_ON_DISK = {  # module name -> each architecture's tensor name, written out independently of checkpoint.RENAMES
     "mixtral": {"gate_proj": "block_sparse_moe.experts.{e}.w1", "up_proj": "block_sparse_moe.experts.{e}.w3",
                 "down_proj": "block_sparse_moe.experts.{e}.w2"},
 }
@@ -263,7 +264,7 @@ def safetensors_reference(path):
 def test_store_matches_safetensors(vid, io, tiny):
     _, path = tiny(vid)
     ref = safetensors_reference(path)
-    cfg = model.read_config(path)
+    cfg = checkpoint.read_config(path)
     with cache.ExpertStore(path, cfg, io) as store:
         assert store.io == io, store.fallback
         for layer in cfg.moe_layers:
@@ -281,7 +282,7 @@ def test_store_reads_sharded_bf16_checkpoint(io, tmp_path):
     assert sum(f.endswith(".safetensors") for f in files) > 1, files
     tensors = {k: v.to(torch.bfloat16) for k, v in read_tensors(src).items()}
     write_checkpoint(tmp_path / "bf16", tensors, read_config(src))
-    cfg = model.read_config(tmp_path / "bf16")
+    cfg = checkpoint.read_config(tmp_path / "bf16")
     for path, expect_dtype in ((src, torch.float32), (tmp_path / "bf16", torch.bfloat16)):
         ref = safetensors_reference(path)
         with cache.ExpertStore(path, cfg, io) as store:
@@ -295,7 +296,7 @@ def test_store_reads_sharded_bf16_checkpoint(io, tmp_path):
 def test_store_dequantizes_fp8(io, tmp_path):
     _, src = make_checkpoint(tmp_path / "src", "deepseek_v3")
     write_fp8_checkpoint(src, tmp_path / "fp8", tmp_path / "deq", block_size=(16, 16), with_mtp=False)
-    cfg = model.read_config(tmp_path / "fp8")
+    cfg = checkpoint.read_config(tmp_path / "fp8")
     assert cfg.fp8_block == (16, 16)
     ref = safetensors_reference(tmp_path / "deq")  # dequantized by tiny.py's own loop
     with cache.ExpertStore(tmp_path / "fp8", cfg, io) as store:
@@ -343,7 +344,7 @@ def test_mmap_store_releases_pages(tiny, tmp_path):
     fd = os.open(path / "model.safetensors", os.O_RDONLY)
     os.fsync(fd)  # dirty pages cannot be dropped; the copy must reach the disk first
     os.close(fd)
-    cfg = model.read_config(path)
+    cfg = checkpoint.read_config(path)
     with cache.ExpertStore(path, cfg, "mmap") as store:
         m = store.maps[path / "model.safetensors"]
         buf = (ctypes.c_char * len(m)).from_buffer(m)
@@ -365,7 +366,7 @@ def test_direct_falls_back_when_refused(tiny, monkeypatch):
 
     monkeypatch.setattr(cache, "open_direct", refuse)
     ref = safetensors_reference(path)
-    cfg = model.read_config(path)
+    cfg = checkpoint.read_config(path)
     with cache.ExpertStore(path, cfg, "direct") as store:
         assert store.io == "mmap" and "refuses O_DIRECT" in store.fallback
         for t, name in zip(store.read(1, 3), expert_names(cfg.model_type, 1, 3)):
@@ -377,13 +378,13 @@ def test_store_rejects_checkpoint_without_experts(tiny, tmp_path):
     tensors = read_tensors(src)
     dense = {k: v for k, v in tensors.items() if ".mlp.experts." not in k}
     write_checkpoint(tmp_path / "noexp", dense, read_config(src))
-    with pytest.raises(model.UserError, match="no routed expert tensors") as e:
+    with pytest.raises(cli.UserError, match="no routed expert tensors") as e:
         cache.ExpertStore(tmp_path / "noexp")
     assert "\n" not in str(e.value)
     missing = dict(tensors)
     del missing["model.layers.2.mlp.experts.5.up_proj.weight"]
     write_checkpoint(tmp_path / "one-missing", missing, read_config(src))
-    with pytest.raises(model.UserError, match="experts.5.up_proj"):
+    with pytest.raises(cli.UserError, match="experts.5.up_proj"):
         cache.ExpertStore(tmp_path / "one-missing")
 
 
@@ -402,7 +403,7 @@ def test_reads_from_several_threads_at_once(io, tiny):
     from concurrent.futures import ThreadPoolExecutor
     _, path = tiny("ds2-mla-greedy")
     ref = safetensors_reference(path)
-    cfg = model.read_config(path)
+    cfg = checkpoint.read_config(path)
     with cache.ExpertStore(path, cfg, io) as store, ThreadPoolExecutor(4) as pool:
         experts = list(store.parts)
         outs = {key: store.read(*key) for key in experts}  # scratch triples, filled with the right expert already

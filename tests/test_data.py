@@ -19,7 +19,7 @@ from data import (
     SPLITS, Corpus, DataConfig, TokenData, chunk_text, eval_windows, load_corpus, prepare_data,
     random_batch, random_batches, require_windows, split_of, stdlib_files, train_tokenizer,
 )
-from model import UserError
+from cli import UserError
 from tiny import assert_cli_errors
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -20,6 +20,8 @@ llama_cpp = pytest.importorskip("llama_cpp")
 gguf = pytest.importorskip("gguf")
 
 import export  # noqa: E402  (after the skips: export.py needs gguf)
+import checkpoint as hf_format
+import cli
 import model  # noqa: E402
 from data import train_tokenizer  # noqa: E402
 from tiny import (VARIANT_IDS, VARIANTS, assert_cli_errors, make_checkpoint, read_config, read_tensors,  # noqa: E402
@@ -138,7 +140,7 @@ def llama_greedy(llm, prompt_ids, n):
 
 def reference(path, tokenizer):
     """model.py's prompt ids, greedy sequence (prompt + NEW_TOKENS) and its logits (T, V), float32."""
-    net = model.load_model(path)
+    net = hf_format.load_model(path)
     prompt = tokenizer.encode(PROMPT).ids
     seq = model.generate(net, torch.tensor([prompt]), NEW_TOKENS)[0]
     with torch.no_grad():
@@ -195,7 +197,7 @@ def test_llama_cpp_logits_and_greedy_tokens_equal_model_py(vid, checkpoint, expo
 @pytest.mark.parametrize("vid", sorted(REFUSED))
 def test_variants_llama_cpp_cannot_represent_are_refused(vid, checkpoint, tmp_path):
     out = tmp_path / "x.gguf"
-    with pytest.raises(model.UserError, match=REFUSED[vid]):
+    with pytest.raises(cli.UserError, match=REFUSED[vid]):
         export.export_gguf(checkpoint(vid), out)
     assert list(tmp_path.iterdir()) == []
 
@@ -214,7 +216,7 @@ def test_yarn_factors_by_hand():
     llama.cpp's cos/sin get R = a, its logits (R g(L))^2, so g(L) = 1.589626 / 1.368888, L = 0.437135."""
     for (mscale, mscale_all), (R, L) in (((0.707, 0.707), (1.0, 0.707)), ((1.0, 0.707), (1.085726, 0.437135))):
         d = tiny_config("deepseek_v2", rope_parameters=yarn(mscale, mscale_all), vocab_size=VOCAB).to_dict()
-        got = export.yarn_factors(model.config_from_hf(d), 40.0)
+        got = export.yarn_factors(hf_format.config_from_hf(d), 40.0)
         assert got == pytest.approx((R, L), abs=2e-6), (mscale, mscale_all)
 
 
@@ -222,7 +224,7 @@ def test_deepseek_with_q_lora_and_v2_lite_layer_count_is_refused():
     """llama.cpp reads no q_lora_rank for 26 or 27 layers (it takes those to be V2-Lite) and then fails
     to load such a model with a q_lora ("tensor 'blk.0.attn_q.weight' not found", seen with 27 layers)."""
     for layers, refused in ((26, True), (27, True), (28, False)):
-        cfg = model.config_from_hf(tiny_config("deepseek_v3", num_hidden_layers=layers, vocab_size=VOCAB).to_dict())
+        cfg = hf_format.config_from_hf(tiny_config("deepseek_v3", num_hidden_layers=layers, vocab_size=VOCAB).to_dict())
         assert (export.unsupported(cfg) is not None) == refused, layers
 
 
@@ -370,7 +372,7 @@ MISMATCHES = {  # the tuned checkpoint (variant, overrides) and what the refusal
 def test_patch_refuses_a_gguf_of_another_model(case, checkpoint, exported, tmp_path):
     vid, overrides, message = MISMATCHES[case]
     out = tmp_path / "out.gguf"
-    with pytest.raises(model.UserError, match=message.replace("[", r"\[").replace("]", r"\]")):
+    with pytest.raises(cli.UserError, match=message.replace("[", r"\[").replace("]", r"\]")):
         export.patch_gguf(checkpoint(vid, **overrides), exported("ds2-mla-greedy"), out)
     assert list(tmp_path.iterdir()) == []
 
@@ -406,7 +408,7 @@ def test_bad_input_is_refused_before_writing(checkpoint, exported, tuned, tmp_pa
         (lambda: export.patch_gguf(tuned("ds2-mla-greedy"), base, base), "is the input file"),
     ]
     for call, message in cases:
-        with pytest.raises(model.UserError, match=message):
+        with pytest.raises(cli.UserError, match=message):
             call()
     assert not (tmp_path / "out").exists()
 

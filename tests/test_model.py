@@ -24,13 +24,15 @@ import sys
 import pytest
 import torch
 
+import checkpoint
+import cli
 import model as remoe
 from tiny import (VARIANT_IDS, assert_close, hf_routing, load_oracle,
                   moe_layer_ids, random_ids, read_config, read_tensors, to_legacy_config,
                   write_checkpoint, write_config, write_fp8_checkpoint, make_checkpoint)
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-MODEL_PY = os.path.join(REPO_ROOT, "model.py")
+CHECKPOINT_PY = os.path.join(REPO_ROOT, "checkpoint.py")
 CONFIGS_DIR = os.path.join(REPO_ROOT, "tests", "configs")
 
 # fp32 tolerances: transformers' own fp32 code paths (eager vs sdpa attention, eager vs grouped_mm experts)
@@ -259,7 +261,7 @@ def test_sharded_checkpoint_loads_identically(vid, tiny, loaded, tmp_path):
         os.rename(tmp_path / old, tmp_path / new)
     index["weight_map"] = {k: renamed[v] for k, v in index["weight_map"].items()}
     index_path.write_text(json.dumps(index))
-    net = remoe.load_model(str(tmp_path))
+    net = checkpoint.load_model(str(tmp_path))
     ids = ids_for(hf, seed=5)
     assert_same_model(net, loaded(vid), ids, f"{vid} sharded vs single file")
 
@@ -281,7 +283,7 @@ def test_legacy_config_loads_identically(vid, tiny, loaded, tmp_path):
     hf, path = tiny(vid)
     cfg = legacy_copy(str(path), str(tmp_path))
     assert "rope_parameters" not in cfg and "dtype" not in cfg
-    net = remoe.load_model(str(tmp_path))
+    net = checkpoint.load_model(str(tmp_path))
     ids = ids_for(hf, seed=6)
     assert_same_model(net, loaded(vid), ids, f"{vid} legacy config vs transformers-5 config")
     for field in ("num_hidden_layers", "n_routed_experts", "num_experts_per_tok", "moe_layers"):
@@ -295,7 +297,7 @@ def test_missing_rope_theta_uses_class_default(vid, tiny, loaded, tmp_path):
     the tiny Mixtral and OLMoE were built with exactly those values."""
     hf, path = tiny(vid)
     legacy_copy(str(path), str(tmp_path), edit=lambda c: c.pop("rope_theta"))
-    net = remoe.load_model(str(tmp_path))
+    net = checkpoint.load_model(str(tmp_path))
     ids = ids_for(hf, seed=7)
     assert_same_model(net, loaded(vid), ids, f"{vid} default rope_theta")
 
@@ -364,7 +366,7 @@ def test_published_config_parameter_count(name, monkeypatch):
     for cls in (torch.nn.Linear, torch.nn.Embedding):
         monkeypatch.setattr(cls, "reset_parameters", lambda self: None)
     with torch.device("meta"):
-        net = remoe.build_model(config)
+        net = checkpoint.build_model(config)
     assert sum(p.numel() for p in net.parameters()) == total
     c = net.config
     assert (c.num_hidden_layers, c.n_routed_experts, c.num_experts_per_tok) == (layers, experts, top_k)
@@ -395,7 +397,7 @@ def test_fp8_checkpoint_matches_dequantized_oracle(block, write_block, fp8_base,
     write_fp8_checkpoint(str(fp8_base), str(fp8_dir), str(deq_dir), block_size=block,
                          write_block_size=write_block, with_mtp=True)
     oracle = load_oracle(deq_dir)
-    net = remoe.load_model(str(fp8_dir))
+    net = checkpoint.load_model(str(fp8_dir))
     ids = random_ids(oracle.config.vocab_size, BATCH, SEQ, seed=8)
     assert_close(net(ids), oracle(ids).logits, LOGITS_ATOL, f"fp8 {block}")
     assert len(net.model.layers) == oracle.config.num_hidden_layers
@@ -415,7 +417,7 @@ def test_fp8_checkpoint_matches_dequantized_oracle(block, write_block, fp8_base,
 def test_experts_on_disk_loads_everything_but_routed_experts(vid, tiny, loaded):
     _, path = tiny(vid)
     full = loaded(vid)
-    lean = remoe.load_model(str(path), experts_on_disk=True)
+    lean = checkpoint.load_model(str(path), experts_on_disk=True)
     for layer in lean.config.moe_layers:
         experts = getattr(lean.model.layers[layer].mlp, "experts", None)
         assert experts is None or len(experts) == 0, f"layer {layer} still holds routed experts"
@@ -441,10 +443,10 @@ def test_tokenizer_returned_when_present(tiny, tmp_path):
     folder = tmp_path / "with-tokenizer"
     shutil.copytree(path, folder)
     tok.save(str(folder / "tokenizer.json"))
-    got = remoe.load_tokenizer(str(folder))
+    got = checkpoint.load_tokenizer(str(folder))
     assert isinstance(got, Tokenizer)
     assert got.encode("hello world").ids == [1, 2]
-    assert remoe.load_tokenizer(str(path)) is None
+    assert checkpoint.load_tokenizer(str(path)) is None
 
 
 # ---------------------------------------------------------------- bad input
@@ -576,20 +578,20 @@ def assert_mentions(message, fragments, case):
 @pytest.mark.parametrize("case", BAD_CASES)
 def test_bad_checkpoint_raises_one_line_error(case, bad_checkpoints):
     path, fragments = bad_checkpoints[case]
-    with pytest.raises(remoe.UserError) as info:
-        remoe.load_model(str(path))
+    with pytest.raises(cli.UserError) as info:
+        checkpoint.load_model(str(path))
     message = str(info.value)
     assert message and "\n" not in message.strip(), f"{case}: not one line: {message!r}"
     assert_mentions(message, fragments, case)
 
 
 def run_cli_in_process(path, monkeypatch, capfd):
-    """`python model.py --model PATH` without paying a torch import per case: the script runs as
+    """`python checkpoint.py --model PATH` without paying a torch import per case: the script runs as
     __main__ in this process. Any exception other than SystemExit would be a traceback."""
-    monkeypatch.setattr(sys, "argv", ["model.py", "--model", str(path)])
+    monkeypatch.setattr(sys, "argv", ["checkpoint.py", "--model", str(path)])
     status, escaped = 0, None
     try:
-        runpy.run_path(MODEL_PY, run_name="__main__")
+        runpy.run_path(CHECKPOINT_PY, run_name="__main__")
     except SystemExit as done:
         if isinstance(done.code, str):  # sys.exit("...") prints the string to stderr, status 1
             sys.stderr.write(done.code + "\n")
@@ -626,7 +628,7 @@ def test_cli_as_a_process(bad_checkpoints):
     """Once as a real process (exit status and stderr as a shell sees them): a missing folder
     exits non-zero with one `error:` line and no traceback."""
     bad, fragments = bad_checkpoints["missing-folder"]
-    done = subprocess.run([sys.executable, MODEL_PY, "--model", str(bad)], cwd=REPO_ROOT,
+    done = subprocess.run([sys.executable, CHECKPOINT_PY, "--model", str(bad)], cwd=REPO_ROOT,
                           capture_output=True, text=True, timeout=300)
     assert done.returncode != 0
     assert "Traceback" not in done.stderr, done.stderr[-2000:]

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import cache
+import checkpoint
 import model
 import offload_infer as oi
 from tiny import (assert_cli_errors, make_checkpoint, random_ids, read_config, read_tensors, write_checkpoint,
@@ -151,7 +152,7 @@ def test_compile_failure_is_a_user_error(tiny, monkeypatch):
         return step
     monkeypatch.setattr(oi.torch, "compile", broken)
     with pytest.raises(oi.UserError, match=r"^--compile failed \(InductorError: C\+\+ compile error\); decode without"):
-        oi.OffloadEngine(path, oi.OffloadConfig(cache=model.read_config(path).n_routed_experts, compile=True))
+        oi.OffloadEngine(path, oi.OffloadConfig(cache=checkpoint.read_config(path).n_routed_experts, compile=True))
 
 
 def test_bf16_and_fp8_checkpoints(tmp_path):
@@ -162,7 +163,7 @@ def test_bf16_and_fp8_checkpoints(tmp_path):
     write_checkpoint(tmp_path / "bf16", tensors, read_config(src))
     write_fp8_checkpoint(src, tmp_path / "fp8", tmp_path / "deq", block_size=(16, 16))
     for path in (tmp_path / "bf16", tmp_path / "fp8"):
-        net = model.load_model(path)
+        net = checkpoint.load_model(path)
         prompt = random_ids(net.config.vocab_size, 1, 5, seed=2)
         want = reference_tokens(net, prompt)
         for capacity, io in ((2, "mmap"), (5, "direct")):
@@ -310,7 +311,7 @@ def test_same_token_decode(tiny, loaded):
 def test_physical_bound_rows(tiny):
     """The bound is resident time + MB missed / bandwidth, from the same replay; more cache, fewer MB."""
     _, path = tiny(MAIN)
-    cfg = model.read_config(path)
+    cfg = checkpoint.read_config(path)
     windows = random_ids(cfg.vocab_size, 3, 10, seed=12)
     result = oi.physical_bound(path, windows, 4, [2, 8], log=lambda *a: None)
     bw, resident = result["bandwidth_bytes_per_s"], result["resident_ms_per_token"]
@@ -354,7 +355,7 @@ def test_cuda_matches_resident_model(tiny):
     """Slots on the GPU, loads through pinned buffers on a copy stream: same tokens as the resident
     model on the same GPU (float32, so that the two compute identically)."""
     _, path = tiny(MAIN)
-    net = model.load_model(path, device="cuda")
+    net = checkpoint.load_model(path, device="cuda")
     prompt = random_ids(net.config.vocab_size, 1, 6, seed=9).cuda()
     want = reference_tokens(net, prompt, 12)
     for capacity, prefetch in ((1, False), (3, False), (3, True), (8, False)):

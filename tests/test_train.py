@@ -20,7 +20,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 import base
-import model as remoe
+import checkpoint
+import cli
 import router
 import train
 from tiny import SMALL_RUN, assert_cli_errors, assert_close, finetune_args, load_oracle, make_checkpoint, read_tensors
@@ -74,7 +75,7 @@ def test_base_model_is_a_hugging_face_checkpoint(base_run):
     cfg = json.loads((base_dir / "config.json").read_text())
     assert cfg["model_type"] == "deepseek_v2" and cfg["n_routed_experts"] == 8
     hf = load_oracle(base_dir)
-    ours = remoe.load_model(base_dir)
+    ours = checkpoint.load_model(base_dir)
     ids = torch.randint(0, cfg["vocab_size"], (2, 32), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert_close(ours(ids), hf(input_ids=ids).logits, atol=1e-4, msg="base model logits vs transformers")
@@ -122,7 +123,7 @@ def test_pretraining_resumes_only_with_the_same_arguments(base_run, corpus, tmp_
 # train.py: ReMoE
 
 def test_only_router_parameters_get_gradients(base_run):
-    model = remoe.load_model(base_run / "base")
+    model = checkpoint.load_model(base_run / "base")
     gates = train.router_parameters(model)
     ids = torch.randint(0, model.config.vocab_size, (2, 16))
     logits, routing = model(ids, return_routing=True)
@@ -151,7 +152,7 @@ def test_export_changes_only_routers_and_loads_in_transformers(tuned_run):
     assert changed and all(k.endswith("mlp.gate.weight") for k in changed)
     # files without routers are hard links to the base model's
     assert os.path.samefile(tuned_run / "base" / "tokenizer.json", tuned_run / "remoe" / "tokenizer.json")
-    hf, ours = load_oracle(tuned_run / "remoe"), remoe.load_model(tuned_run / "remoe")
+    hf, ours = load_oracle(tuned_run / "remoe"), checkpoint.load_model(tuned_run / "remoe")
     ids = torch.randint(0, ours.config.vocab_size, (2, 32), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         assert_close(ours(ids), hf(input_ids=ids).logits, atol=1e-4, msg="tuned model logits vs transformers")
@@ -224,10 +225,10 @@ def test_a_state_of_other_arguments_is_refused(tuned_run, corpus, tmp_path, monk
     # a damaged state, or one that the previous remoe wrote (without a key), is refused too
     bad = tmp_path / "bad-state.pt"
     bad.write_bytes(b"not a pickle")
-    with pytest.raises(remoe.UserError, match="unreadable training state .*; pass --no-resume to start over"):
+    with pytest.raises(cli.UserError, match="unreadable training state .*; pass --no-resume to start over"):
         base.load_state(bad, {"--seed": 0})
     torch.save({"run_key": {"world": 1}, "stage": 0}, bad)
-    with pytest.raises(remoe.UserError, match="not a training state that this version of remoe wrote"):
+    with pytest.raises(cli.UserError, match="not a training state that this version of remoe wrote"):
         base.load_state(bad, {"--seed": 0})
 
 
@@ -236,7 +237,7 @@ def test_rerun_after_an_interrupted_export(tuned_run, corpus, tmp_path, monkeypa
     stages are done (not "stage 4" of 3), exports, and gives the routers of an uninterrupted run."""
     out = tmp_path / "run"
     shutil.copytree(tuned_run / "base", out / "base")
-    interrupt_call(monkeypatch, train, "save_file", 1)  # inside model.atomic_write, after the hard links
+    interrupt_call(monkeypatch, train, "save_file", 1)  # inside cli.atomic_write, after the hard links
     with pytest.raises(SystemExit) as e:
         train.main(finetune_args(corpus, out))
     assert e.value.code == 130 and not (out / "remoe").exists() and hidden_files(out) == []
@@ -279,7 +280,7 @@ def test_resume_after_sigkill_is_bit_identical(base_run, corpus, tmp_path):
 def test_export_of_a_sharded_checkpoint_rewrites_only_router_shards(tmp_path):
     _, path = make_checkpoint(tmp_path / "base", "qwen2_moe", max_shard_size="60KB")
     index = json.loads((path / "model.safetensors.index.json").read_text())["weight_map"]
-    model = remoe.load_model(path)
+    model = checkpoint.load_model(path)
     with torch.no_grad():
         for l in model.config.moe_layers:
             model.model.layers[l].mlp.gate.weight.add_(1.0)
@@ -289,7 +290,7 @@ def test_export_of_a_sharded_checkpoint_rewrites_only_router_shards(tmp_path):
     for shard in set(index.values()):
         same = os.path.samefile(path / shard, tmp_path / "tuned" / shard)
         assert same == (shard not in router_shards), shard
-    tuned = remoe.load_model(tmp_path / "tuned")
+    tuned = checkpoint.load_model(tmp_path / "tuned")
     for l in model.config.moe_layers:
         assert torch.equal(tuned.model.layers[l].mlp.gate.weight, model.model.layers[l].mlp.gate.weight)
 
@@ -361,7 +362,7 @@ def test_seq_len_beyond_the_context_is_refused(base_run, corpus, tmp_path, capsy
 ])
 def test_bad_flags_are_refused_before_any_work(argv, message, tmp_path, monkeypatch):
     monkeypatch.delenv("WORLD_SIZE", raising=False)  # as without torchrun
-    with pytest.raises(remoe.UserError) as e:
+    with pytest.raises(cli.UserError) as e:
         train.prepare_flags(train.parse_args([*argv, "--out", str(tmp_path)]))
     assert message in str(e.value) and "\n" not in str(e.value)
     assert list(tmp_path.iterdir()) == []
@@ -369,7 +370,7 @@ def test_bad_flags_are_refused_before_any_work(argv, message, tmp_path, monkeypa
 
 def test_under_torchrun_the_batch_must_split_evenly(tmp_path, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")  # what torchrun --nproc_per_node 2 tells each process
-    with pytest.raises(remoe.UserError, match=r"--batch-size 3 must be divisible by the number of processes \(2\)"):
+    with pytest.raises(cli.UserError, match=r"--batch-size 3 must be divisible by the number of processes \(2\)"):
         train.prepare_flags(train.parse_args(["--model", str(tmp_path), "--batch-size", "3", "--out", str(tmp_path)]))
 
 
@@ -417,7 +418,7 @@ def test_training_for_the_cache_raises_its_hit_rate(base_run, corpus, tmp_path, 
 def test_gradient_checkpointing_gives_the_same_router_gradients(base_run):
     grads = []
     for recompute in (False, True):
-        model = remoe.load_model(base_run / "base").train()
+        model = checkpoint.load_model(base_run / "base").train()
         model.gradient_checkpointing = recompute
         gates = train.router_parameters(model)
         ids = torch.randint(0, model.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(2))
@@ -429,14 +430,15 @@ def test_gradient_checkpointing_gives_the_same_router_gradients(base_run):
 
 
 def test_imports_run_one_way():
-    """Every project file imports only files on lower floors, so there is no circle of imports: model.py at
-    the bottom; router.py imports nothing of the project; data.py, cache.py and export.py only model.py;
-    base.py and offload_infer.py files below them; train.py and bench.py, the top, are imported by none.
-    Imports inside functions count too."""
-    allowed = {"model": set(), "router": set(), "data": {"model"}, "cache": {"model"}, "export": {"model"},
-               "offload_infer": {"model", "cache", "data"}, "base": {"model", "data", "router", "cache"},
-               "train": {"model", "data", "router", "base", "cache"},
-               "bench": {"model", "data", "router", "base", "cache", "offload_infer", "export"}}
+    """Every project file imports only files on lower floors, so there is no circle of imports: cli.py (errors,
+    flags, atomic writes) at the bottom, then model.py, then checkpoint.py; router.py imports nothing of the
+    project; data.py, cache.py and export.py the files below them; base.py and offload_infer.py files below
+    them; train.py and bench.py, the top, are imported by none. Imports inside functions count too."""
+    low = {"cli", "model", "checkpoint"}
+    allowed = {"cli": set(), "model": set(), "checkpoint": {"cli", "model"}, "router": set(), "data": {"cli"},
+               "cache": low, "export": low, "offload_infer": low | {"cache", "data"},
+               "base": low | {"data", "router", "cache"}, "train": low | {"data", "router", "base", "cache"},
+               "bench": low | {"data", "router", "base", "cache", "offload_infer", "export"}}
     project = {p.stem for p in REPO.glob("*.py")}
     assert project == set(allowed), "a new file needs its floor here"
     for name, below in allowed.items():

@@ -1,0 +1,166 @@
+"""
+cli.py: what every script shares, apart from the concepts: where the default models live, how bad
+input ends a program (one `error:` line, status 2, never a traceback), how flags are parsed, how the
+compute device and dtype are chosen, and how files are written (atomically: a reader sees the old
+version or the new one, never half of one). The lowest file: it imports nothing of the project.
+"""
+
+import argparse
+import json
+import os
+import secrets
+import shutil
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+# ----------------------------------------------------------------------------------------------
+# Where the default models live
+
+DEFAULT_RUN = Path("runs/default")           # `python train.py` writes here: data/, base/, remoe/
+DEFAULT_BASE_DIR = DEFAULT_RUN / "base"      # the default base model (testbed.py builds it)
+DEFAULT_TUNED_DIR = DEFAULT_RUN / "remoe"    # its ReMoE-tuned twin (train.py)
+
+
+def default_model_dir():
+    """The model a script uses when none is given: the tuned default if train.py made one, else the base."""
+    return DEFAULT_TUNED_DIR if DEFAULT_TUNED_DIR.is_dir() else DEFAULT_BASE_DIR
+
+
+# ----------------------------------------------------------------------------------------------
+# Bad input: one line, status 2
+
+class UserError(Exception):
+    """Bad input: a file, key, flag or value that is not what was expected. The message is one line
+    that names it and says what was expected; `user_errors` turns it into that line and exit status 2."""
+
+
+@contextmanager
+def user_errors():
+    """Around a script's work: a UserError ends the program with `error: <message>` and status 2,
+    never a traceback."""
+    try:
+        yield
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, with a bad flag reported like every other bad input: one `error:` line, status 2
+    (argparse's own prints the whole usage first); --help still shows the usage."""
+
+    def error(self, message):
+        print(f"error: {message} (see --help)", file=sys.stderr)
+        sys.exit(2)
+
+
+# ----------------------------------------------------------------------------------------------
+# Device and dtype, decided once per run and printed with the reason
+
+def pick_device(requested=None):
+    """(device, reason): the --device flag when given, else CUDA when present, else the CPU."""
+    if requested:
+        try:
+            device = torch.device(requested)
+        except RuntimeError:
+            device = None
+        if device is None or device.type not in ("cpu", "cuda"):
+            raise UserError(f"--device must be cpu, cuda or cuda:N, got {requested!r}")
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise UserError(f"--device {requested} was requested but no CUDA device is available")
+        return device, "requested with --device"
+    if torch.cuda.is_available():
+        return torch.device("cuda"), "a CUDA device is available"
+    return torch.device("cpu"), "no CUDA device is available"
+
+
+def pick_dtype(device, stored=torch.float32, requested=None):
+    """(compute dtype, reason), decided once per run. On the CPU float32, since bfloat16 matmuls run
+    about 100x slower there; on CUDA the checkpoint's own dtype (`stored`), with FP8 computed in bfloat16."""
+    if requested:
+        dtype = getattr(torch, str(requested), None)
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise UserError(f"--dtype must be float32, bfloat16 or float16, got {requested!r}")
+        return dtype, "requested with --dtype"
+    if torch.device(device).type == "cpu":
+        return torch.float32, "float32 on the CPU, where 16-bit matmuls are ~100x slower"
+    if stored in (torch.float8_e4m3fn, torch.float8_e5m2):
+        return torch.bfloat16, "FP8 weights are computed in bfloat16"
+    return stored, f"the checkpoint's own dtype ({str(stored).removeprefix('torch.')})"
+
+
+# ----------------------------------------------------------------------------------------------
+# Files written atomically
+
+@contextmanager
+def atomic_write(path):
+    """Yields a temporary path beside `path`; when the block ends without error it is renamed onto
+    `path` (a file, or a folder the block created), so a reader sees the old version or the new one,
+    never half of one. On error, Ctrl-C included, the temporary is removed; what a killed process left
+    behind is removed by the next write to the same path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
+    try:
+        yield tmp
+        if path.is_dir() and tmp.is_dir():  # a folder cannot be renamed onto another: move the old one aside
+            old = path.with_name(f".{path.name}.old-{os.getpid()}-{secrets.token_hex(4)}")
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
+        raise
+
+
+def remove_stale_temps(path):
+    """Remove the temporaries of writes to `path` whose process is gone (killed mid-write), and put
+    back a folder that was moved aside when the process died between the two renames."""
+    for tmp in path.parent.glob(f".{path.name}.*-*-*"):
+        kind, pid = tmp.name[len(path.name) + 2:].split("-")[:2]
+        if kind not in ("tmp", "old") or not pid.isdigit() or pid_alive(int(pid)):
+            continue
+        if kind == "old" and not path.exists():
+            os.replace(tmp, path)
+        elif tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            tmp.unlink(missing_ok=True)
+
+
+def pid_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # it exists, owned by someone else
+    return True
+
+
+def write_json(path, obj):
+    """obj as indented JSON, written atomically."""
+    with atomic_write(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2) + "\n")
+
+
+
+
+# ----------------------------------------------------------------------------------------------
+# Checks shared by the scripts that generate
+
+def check_prompt(n_prompt, max_new_tokens, context):
+    """A prompt of n_prompt tokens plus max_new_tokens must fit the model's context (max_position_embeddings)."""
+    if n_prompt == 0:
+        raise UserError("the prompt is empty")
+    if max_new_tokens < 1:
+        raise UserError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
+    if n_prompt + max_new_tokens > context:
+        raise UserError(f"the prompt ({n_prompt} tokens) plus --max-new-tokens {max_new_tokens} exceeds the "
+                        f"model's context of {context} (max_position_embeddings)")

@@ -1,35 +1,16 @@
 """
-bench.py: one run that answers the question a reader of the ReMoE paper asks: on my model and my
-memory budget, how much does ReMoE save, what does it cost, and how does it compare with what I
-could do instead?
-
-What it teaches: how to measure an expert-cache optimisation so that the numbers can be trusted.
-Both models, the base MoE and its ReMoE-tuned twin (same weights, new routers), are measured on the
-same held-out windows in the same process, and every comparison is a ratio taken side by side:
-  - quality: test perplexity of each model from one teacher-forced pass, how often the tuned model's
-    top-1 prediction equals the base model's, and the certificate that the testbed can fail a routing
-    method (perplexity with random routers, and with the routed experts off: base.ablations);
-  - reuse: the share of a token's experts that the previous w tokens already used (w = 1, 2, 4),
-    per MoE layer and overall (router.reuse_rate);
-  - cache study: the routing of those windows replayed through per-layer caches of every size from
-    top-k to all experts, under LRU, LFU and Belady's offline optimum (cache.simulate);
-  - the Pareto front that decides whether ReMoE is worth it: hit rate at a cache of 2 x top-k against
-    perplexity, for ReMoE's lambda sweep, training-free cache-aware routing (a bonus on the router
-    scores of cached experts, measured token by token through the offload engine), both combined,
-    and the lambda = 0 control with and without cache-aware routing, with a verdict per perplexity budget;
-  - decode: real offloaded decoding (O_DIRECT reads) of the same held-out windows by every contender
-    (teacher forcing), contenders interleaved, time per token with its 95% interval, loads and MB per
-    token, and the speedup with its interval;
-  - peers: remoe's all-resident decoding against transformers' `generate` on the same checkpoint.
-Every figure goes to results.json; results.md and the plots are drawn from that dictionary only.
-
-Leaves out: batched decoding, the engine's prefetch, warm caches and a global pool across layers
-(cache.py has both as options), energy, and any GPU-specific kernel tuning.
-Follows: the ReMoE paper's reuse and hit-rate metrics; Belady (1966) for the optimum; Eliseev &
-Mazur (2023) for the per-layer LRU expert cache.
+bench.py: one run that answers what a reader of the ReMoE paper asks: on my model and my memory budget,
+how much does ReMoE save, what does it cost, and how does it compare with what I could do instead?
+The base MoE and its ReMoE twin (same weights, new routers) are measured on the same held-out windows
+in one process, every comparison a ratio taken side by side with its interval (stats.py): quality and
+the certificate, reuse, the cache study (LRU, LFU, Belady), the Pareto front against training-free
+cache-aware routing, offloaded decoding of the same tokens against the physical bound, llama.cpp under
+memory limits, resident peers. Every figure goes to results.json; results.md and the plots are drawn
+from it. Leaves out: batched decoding, prefetch, warm caches, energy. Follows: the ReMoE paper's metrics.
 
     python bench.py --quick                     # under a minute on 2 CPU cores: a first look
     python bench.py                             # the full study of runs/default/{base,remoe} (CUDA if present)
+    python bench.py --only decode               # same-token decode, base vs ReMoE, and the engine's bound
     python bench.py --base ckpt/ds2 --tuned runs/ds2/remoe --data corpus.jsonl --out runs/bench-ds2
     python bench.py --shape deepseek-v2-lite --decode-windows 4 --decode-tokens 32   # real expert sizes
 
@@ -58,6 +39,8 @@ import cli
 import model
 import offload_infer as oi
 import router
+import stats
+import store
 from data import DataConfig, eval_windows, prepare_data
 from cli import UserError
 
@@ -109,10 +92,10 @@ class Settings:
     compile: bool = True        # peers: also the engine with its decode step compiled (offload_infer.py --compile)
     quick: bool = False
     shape: str | None = None    # measure a real model's expert shapes instead (SHAPES)
+    only: str | None = None     # "decode": the decode section alone (same-token rows and the physical bound)
 
 
-# --quick also pins one CPU thread: with two, OpenMP threads of a small model spin-wait on each other
-# whenever the machine is shared (measured here: 4.5 minutes instead of 45 s for the default model)
+# --quick also pins one CPU thread: with two, a small model's OpenMP threads spin-wait on each other on a shared machine
 QUICK = dict(windows=8, capacity_multiples=(1, 2, 4), pareto_windows=2, cache_bias=(0.05,), llama_multiples=(2,),
              llama_tokens=48, llama_repeats=1,
              decode_multiples=(2,), decode_windows=3, decode_tokens=16, repeats=2, threads=1)
@@ -176,19 +159,29 @@ def check_settings(s, cfg, caps):
 
 
 def held_out(s, cfg):
-    """(W, T+1) teacher-forcing windows and the decode prompt, both from the test split."""
-    corpus, _, data = prepare_data(DataConfig(data=s.data), Path(s.data_dir), Path(s.base))
-    windows = eval_windows(data.test, s.seq_len, s.windows)  # (W, T+1)
+    """(W, T+1) teacher-forcing windows and the decode windows, both from the test split."""
+    corpus, test = held_out_text(s)
+    windows = eval_windows(test, s.seq_len, s.windows)  # (W, T+1)
     if int(windows.max()) >= cfg.vocab_size:
         raise UserError(f"{s.base}: tokenizer ids reach {int(windows.max())}, beyond the model's vocabulary "
                          f"of {cfg.vocab_size}")
-    # decode windows: the first is a warm-up, discarded; each is a prompt and its true continuation
-    decode_len = s.prompt_tokens + s.decode_tokens
-    if len(data.test) < (s.decode_windows + 1) * decode_len:
-        raise UserError(f"the test split has {len(data.test)} tokens, fewer than --decode-windows + 1 = "
-                        f"{s.decode_windows + 1} windows of --prompt-tokens + --decode-tokens = {decode_len}")
-    decode_windows = eval_windows(data.test, decode_len - 1, s.decode_windows + 1)  # (N+1, P + C)
-    return windows, decode_windows, corpus.source, [int(t) for t in data.test]
+    return windows, decode_windows(s, test), corpus.source, [int(t) for t in test]
+
+
+def held_out_text(s):
+    """The corpus and its test split's token ids, tokenized by the base model's tokenizer.json."""
+    corpus, _, data = prepare_data(DataConfig(data=s.data), Path(s.data_dir), Path(s.base))
+    return corpus, data.test
+
+
+def decode_windows(s, test):
+    """(N + 1, P + C) windows of the test split for decoding, each a prompt and its true continuation; the
+    first is a warm-up, discarded."""
+    length = s.prompt_tokens + s.decode_tokens
+    if len(test) < (s.decode_windows + 1) * length:
+        raise UserError(f"the test split has {len(test)} tokens, fewer than --decode-windows + 1 = "
+                        f"{s.decode_windows + 1} windows of --prompt-tokens + --decode-tokens = {length}")
+    return eval_windows(test, length - 1, s.decode_windows + 1)  # (N + 1, P + C)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -313,7 +306,7 @@ def cache_aware(path, windows, capacity, bias, device, dtype):
     N, T = windows.shape[0], windows.shape[1] - 1
     # each step's routing holds, per MoE layer, the one token's K ids
     trace = torch.tensor([[layer[0] for layer in step] for step in engine.record.trace()])  # (N*T, L, K)
-    point = {"bias": bias, "hit_rate": tot.hit_rate, "loads_per_token": tot.loads_per_token,
+    point = {"bias": bias, "hit_rate": tot.hit_rate, "loads_per_token": tot.misses_per_token,
              "perplexity": perplexity(sum(nll), N * T), "window_nll": nll}
     return point, torch.tensor(top1).view(N, T), trace.view(N, T, *trace.shape[1:])
 
@@ -330,7 +323,7 @@ def change_interval(point, base_point, T):
     """95% interval of the point's perplexity relative to the base model's, from the paired per-window
     difference of mean next-token loss (the same windows for every point): [low, high] - 1."""
     diff = [(a - b) / T for a, b in zip(point["window_nll"], base_point["window_nll"])]
-    mean, half = oi.t_interval(diff)
+    mean, half = stats.t_interval(diff)
     return [math.exp(mean - half) - 1, math.exp(mean + half) - 1]
 
 
@@ -377,7 +370,7 @@ def verdict(families, base_ppl):
 # ----------------------------------------------------------------------------------------------
 # Decode: real offloaded decoding of the same held-out windows by every contender (teacher forcing),
 # so that the base and the tuned model, with and without cache-aware routing, process identical
-# tokens and differ only in their routing (offload_infer.same_token_decode)
+# tokens and differ only in their routing; and the engine against the physical bound
 
 DECODE_METHOD = ("OffloadEngine with --io direct; every contender replays the same held-out test windows: prefill the "
                  "prompt, then feed the true continuation token by token with the KV cache (teacher forcing), each "
@@ -390,6 +383,48 @@ DECODE_METHOD = ("OffloadEngine with --io direct; every contender replays the sa
 FREE_PROMPTS, FREE_SEEDS, FREE_TEMPERATURE = 2, (0, 1, 2), 0.8  # free generation: prompts x seeds per model
 
 
+def same_token_decode(engines, windows, prompt_len, warmup=1):
+    """Every engine (a dict name -> OffloadEngine) replays the same test windows (N, P + C): prefill
+    P tokens, then C tokens one by one, each window from a cold cache with the page cache dropped.
+    Contenders take turns in A B B A order (the order flips every window) so that drift in the
+    machine's speed hits all alike; the first `warmup` windows are run and discarded. Returns
+    {name: per-window lists} of seconds per token, loads, MB and hits per token, and the NLL."""
+    names = list(engines)
+    runs = {name: {"s_per_token": [], "loads_per_token": [], "mb_per_token": [], "hit_rate": [], "nll": [],
+                   "tokens": 0} for name in names}
+    for i, window in enumerate(windows):
+        order = names if i % 2 == 0 else names[::-1]
+        for name in order:
+            seconds, tot, logits = engines[name].replay(window, prompt_len)
+            if i < warmup:
+                continue
+            r, C = runs[name], tot.tokens
+            r["s_per_token"].append(seconds / C)
+            r["loads_per_token"].append(tot.misses_per_token)
+            r["mb_per_token"].append(tot.mb_per_token)
+            r["hit_rate"].append(tot.hit_rate)
+            targets = torch.as_tensor(window[prompt_len + 1:], device=logits.device)
+            r["nll"].append(F.cross_entropy(logits[:-1].float(), targets, reduction="sum").item())
+            r["tokens"] += C - 1
+    return runs
+
+
+def summarize_runs(runs, baseline):
+    """Mean ms/token with its 95% interval over windows, loads and MB per token, hit rate, perplexity,
+    and each contender's speedup over `baseline`: the geometric mean over windows of the paired
+    ratio baseline time / contender time, with its 95% interval (stats.ratio_interval)."""
+    out = {}
+    for name, r in runs.items():
+        ms, ms_ci = stats.t_interval([s * 1e3 for s in r["s_per_token"]])
+        speedup, speedup_ci = stats.ratio_interval(runs[baseline]["s_per_token"], r["s_per_token"])
+        out[name] = {"windows": len(r["s_per_token"]), "ms_per_token": ms, "ms_per_token_ci95": ms_ci,
+                     "loads_per_token": sum(r["loads_per_token"]) / len(r["loads_per_token"]),
+                     "mb_per_token": sum(r["mb_per_token"]) / len(r["mb_per_token"]),
+                     "hit_rate": sum(r["hit_rate"]) / len(r["hit_rate"]),
+                     "perplexity": math.exp(sum(r["nll"]) / r["tokens"]), "speedup": speedup, "speedup_ci95": speedup_ci}
+    return out
+
+
 def decode(paths, windows, prompt_len, capacity, bias, device, dtype):
     """One row of the decode table: base and tuned, each plain and with cache-aware routing."""
     engines = {}
@@ -398,14 +433,71 @@ def decode(paths, windows, prompt_len, capacity, bias, device, dtype):
             opts = oi.OffloadConfig(cache=capacity, io="direct", cache_bias=b, device=str(device), dtype=dtype)
             engines[name + (f" + cache-aware {b:g}" if b else "")] = oi.OffloadEngine(path, opts)
     try:
-        runs = oi.same_token_decode(engines, windows, prompt_len, warmup=1)
+        runs = same_token_decode(engines, windows, prompt_len, warmup=1)
         e = engines["base"]
         env = {"device": str(e.device), "dtype": str(e.dtype).removeprefix("torch."), "io": e.store.io,
                "io_note": e.store.fallback, "expert_bytes": e.store.expert_bytes}
     finally:
         for e in engines.values():
             e.close()
-    return {"capacity": capacity, "bias": bias, "contenders": oi.summarize_runs(runs, "base"), "per_window": runs}, env
+    return {"capacity": capacity, "bias": bias, "contenders": summarize_runs(runs, "base"), "per_window": runs}, env
+
+
+def physical_bound(path, windows, prompt_len, capacities, opts=None, log=print):
+    """Offloaded decoding at each capacity (O_DIRECT) against the bound it should approach:
+    resident time per token (all experts in slots, the same code) + bytes missed per token /
+    bandwidth, where the bandwidth is measured with random O_DIRECT reads of single experts (a miss
+    is a random read, not a sequential sweep). All engines replay the same windows, interleaved. The engine
+    reads a token's misses in a layer up to ExpertLoader.READ_THREADS at a time, so each row also has the
+    stricter bound at the bandwidth of that many reads in flight."""
+    opts = opts or oi.OffloadConfig()
+    cfg, in_flight = checkpoint.read_config(path), oi.ExpertLoader.READ_THREADS
+    with store.ExpertStore(path, cfg, "direct") as st:
+        if st.fallback:
+            log(f"note: {st.fallback}")
+        bandwidth = max(store.read_bandwidth(st, list(st.parts), seed=i) for i in range(3))
+        parallel = max(store.read_bandwidth(st, list(st.parts), i, in_flight) for i in range(3))
+    log(f"disk: {bandwidth / 1e6:.1f} MB/s reading single {st.expert_bytes / 1e6:.3f} MB experts in random "
+        f"order ({'O_DIRECT' if not st.fallback else 'mmap, O_DIRECT unavailable'}), {parallel / 1e6:.1f} MB/s "
+        f"with {in_flight} in flight")
+    E = cfg.n_routed_experts
+    engines = {"resident": oi.OffloadEngine(path, replace(opts, cache=E, io="direct"))}
+    engines["resident"].preload_all()
+    for c in capacities:
+        engines[f"cache {c}"] = oi.OffloadEngine(path, replace(opts, cache=c, io="direct"))
+    try:
+        runs = summarize_runs(same_token_decode(engines, windows, prompt_len), "resident")
+    finally:
+        for e in engines.values():
+            e.close()
+    resident = runs["resident"]["ms_per_token"]
+    rows = []
+    for c in capacities:
+        r = runs[f"cache {c}"]
+        bound = resident + r["mb_per_token"] * 1e6 / bandwidth * 1e3
+        strict = resident + r["mb_per_token"] * 1e6 / parallel * 1e3
+        rows.append({"cache": c, "ms_per_token": r["ms_per_token"], "ms_per_token_ci95": r["ms_per_token_ci95"],
+                     "bound_ms": bound, "ratio_to_bound": r["ms_per_token"] / bound,
+                     "bound_parallel_ms": strict, "ratio_to_parallel_bound": r["ms_per_token"] / strict,
+                     "mb_per_token": r["mb_per_token"], "loads_per_token": r["loads_per_token"],
+                     "hit_rate": r["hit_rate"]})
+    return {"bandwidth_bytes_per_s": bandwidth, "parallel_bandwidth_bytes_per_s": parallel, "in_flight": in_flight,
+            "io_note": st.fallback, "resident_ms_per_token": resident,
+            "resident_ms_per_token_ci95": runs["resident"]["ms_per_token_ci95"], "rows": rows}
+
+
+def decode_section(s, paths, windows, capacities, device, dtype, log, tick):
+    """The decode table at every capacity, then the base model's engine against its physical bound."""
+    rows = []
+    for c in capacities:
+        row, env = decode(paths, windows, s.prompt_tokens, c, s.decode_bias, device, dtype)
+        rows.append(row)
+        tick()
+    bound = physical_bound(paths["base"], windows, s.prompt_tokens, capacities,
+                           oi.OffloadConfig(device=str(device), dtype=dtype), log)
+    tick()
+    return {"method": DECODE_METHOD, "windows": s.decode_windows, "prompt_tokens": s.prompt_tokens,
+            "decode_tokens": s.decode_tokens, "window_ids": windows.tolist(), **env, "rows": rows, "bound": bound}
 
 
 def free_generation(paths, prompts, capacity, seeds, new_tokens, temperature, device, dtype):
@@ -592,9 +684,8 @@ read_bytes = lambda: int(next(l for l in open("/proc/self/io") if l.startswith("
 path, threads = sys.argv[1], int(sys.argv[2])
 tokens = json.loads(sys.stdin.read())
 llm = llama_cpp.Llama(path, n_ctx=len(tokens) + 8, n_threads=threads, n_threads_batch=threads, verbose=False)
-# MADV_RANDOM on llama.cpp's mapping: a fault reads its own page, not the disk's readahead window
-# around it (read_ahead_kb: 8 MB on this project's disk, a quarter of the default model, so that both
-# models would re-read it all at every token and reuse could not show)
+# MADV_RANDOM on llama.cpp's mapping: a fault reads its own page, not the disk's readahead window around it,
+# which can span much of a small model, so that every token would re-read it all and reuse could not show
 libc, real = ctypes.CDLL(None, use_errno=True), os.path.realpath(path)
 for line in open("/proc/self/maps"):
     parts = line.split()
@@ -719,8 +810,8 @@ def llama_memory_study(ggufs, tokens, multiples, repeats, threads):
 
 
 # ----------------------------------------------------------------------------------------------
-# Real expert sizes (--shape): the default model's experts are 147 KB, so a miss costs less than the
-# Python around it; a real model's are megabytes, and decoding is bound by memory and disk bandwidth.
+# Real expert sizes (--shape): the default model's experts are 147 KB, so a miss costs about as much as
+# the Python around it; a real model's are megabytes, and decoding is bound by memory and disk bandwidth.
 # A checkpoint with a published model's expert shapes and dtype on disk, but a few layers, a small
 # vocabulary and random weights, measures the engine where it matters: resident decoding against the
 # bandwidth bound (active weight bytes / GEMV bandwidth) and transformers, and offloaded decoding
@@ -786,7 +877,7 @@ def active_bytes(cfg, dtype):
         net = checkpoint.build_model(cfg)
     total = sum(p.numel() for n, p in net.named_parameters() if ".experts." not in n)
     total -= net.model.embed_tokens.weight.numel() - cfg.hidden_size
-    expert = 3 * cfg.hidden_size * cfg.moe_intermediate_size
+    expert = sum(math.prod(shape) for shape in store.expert_shapes(cfg))
     return (total + len(cfg.moe_layers) * cfg.num_experts_per_tok * expert) * dtype.itemsize
 
 
@@ -804,13 +895,13 @@ def shape_study(s, name, log=print):
                             generator=torch.Generator().manual_seed(0))
     bandwidth = gemv_bandwidth(torch.float32)
     need = active_bytes(cfg, torch.float32)
-    log(f"{name}: {len(cfg.moe_layers)} MoE layers x {E} experts of {3 * cfg.hidden_size * cfg.moe_intermediate_size * 2 / 1e6:.1f} "
-        f"MB (bf16 on disk), top-{K}; computed in float32 on {torch.get_num_threads()} threads; GEMV streams "
-        f"{bandwidth / 2**30:.1f} GiB/s, a token reads {need / 1e6:.0f} MB: bound {need / bandwidth * 1e3:.1f} ms/token")
+    expert_mb = sum(math.prod(shape) for shape in store.expert_shapes(cfg)) * 2 / 1e6  # bf16 on disk
+    log(f"{name}: {len(cfg.moe_layers)} MoE layers x {E} experts of {expert_mb:.1f} MB (bf16 on disk), top-{K}; "
+        f"computed in float32 on {torch.get_num_threads()} threads; GEMV streams {bandwidth / 2**30:.1f} GiB/s, a token reads {need / 1e6:.0f} MB: bound {need / bandwidth * 1e3:.1f} ms/token")
     peer = peers(path, windows[0, :s.prompt_tokens].tolist(), s.decode_tokens, s.repeats, torch.device("cpu"),
                  torch.float32, Path(s.out) / "shapes" / f"{name}-gguf", s.compile)
     opts = oi.OffloadConfig(dtype="float32")
-    bound = oi.physical_bound(path, windows, s.prompt_tokens, caps, opts, log)
+    bound = physical_bound(path, windows, s.prompt_tokens, caps, opts, log)
     result = {"shape": name, "config": SHAPES[name], "gemv_bandwidth_bytes_per_s": bandwidth,
               "active_bytes_per_token": need, "bandwidth_bound_ms": need / bandwidth * 1e3, "peers": peer,
               "offload": bound, "windows": s.decode_windows, "prompt_tokens": s.prompt_tokens,
@@ -849,6 +940,38 @@ class Progress:
         return self.seconds
 
 
+def compute_setup(s, cfg, log):
+    """The device and dtype of every section, decided once by the engine's rule (so that the batched passes
+    and the engine compute alike), and what results.json records of the models and the machine."""
+    device, device_why = cli.pick_device(s.device)
+    dtype, dtype_why = cli.pick_dtype(device, checkpoint.stored_dtype(s.base))
+    dtype_name, K, E = str(dtype).removeprefix("torch."), cfg.num_experts_per_tok, cfg.n_routed_experts
+    log(f"compute: {device} ({device_why}); {dtype_name} ({dtype_why}); {torch.get_num_threads()} CPU threads")
+    log(f"models: {s.base} vs {s.tuned}: {cfg.model_type}, {len(cfg.moe_layers)} MoE layers x {E} experts, top-{K}")
+    return device, dtype, {
+        "model": {"base": str(s.base), "tuned": str(s.tuned), "model_type": cfg.model_type,
+                  "moe_layers": list(cfg.moe_layers), "n_routed_experts": E, "num_experts_per_tok": K},
+        "environment": {"device": str(device), "device_reason": device_why, "dtype": dtype_name,
+                        "dtype_reason": dtype_why, "threads": torch.get_num_threads(), "torch": torch.__version__}}
+
+
+def decode_only(s, log=print):
+    """--only decode: the decode section of the full run alone (same windows, same contenders, the bound)."""
+    if s.threads:
+        torch.set_num_threads(s.threads)
+    cfg = check_pair(s.base, s.tuned)
+    caps = s.decode_capacities or capacity_grid(s.decode_multiples, cfg.num_experts_per_tok, cfg.n_routed_experts)
+    check_settings(s, cfg, caps)
+    device, _, results = compute_setup(s, cfg, log)
+    windows = decode_windows(s, held_out_text(s)[1])
+    progress = Progress(len(caps) + 1)
+    progress.section("decode")
+    results["decode"] = decode_section(s, {"base": Path(s.base), "tuned": Path(s.tuned)}, windows, caps, device,
+                                       results["environment"]["dtype"], log, progress.tick)
+    results["section_seconds"] = progress.close()
+    return results
+
+
 def run(s, log=print):
     """Measure everything; returns the results dictionary (what results.json holds) and the traces."""
     t_start = time.perf_counter()
@@ -860,29 +983,21 @@ def run(s, log=print):
     dec_caps = s.decode_capacities or capacity_grid(s.decode_multiples, K, E)
     check_settings(s, cfg, caps + dec_caps)
     sweep = sweep_models(s.sweep, s.base)
-    device, device_why = cli.pick_device(s.device)
-    # decided once for every section, by the engine's rule, so that the batched passes and the engine compute alike
-    dtype, dtype_why = cli.pick_dtype(device, checkpoint.stored_dtype(s.base))
+    device, dtype, header = compute_setup(s, cfg, log)
+    dtype_name = header["environment"]["dtype"]
     windows, decode_windows, source, test_ids = held_out(s, cfg)
     test_tokens = len(test_ids)
     W, T = windows.shape[0], windows.shape[1] - 1
     paths = {"base": Path(s.base), "tuned": Path(s.tuned)}
-    dtype_name = str(dtype).removeprefix("torch.")
-    log(f"compute: {device} ({device_why}); {dtype_name} ({dtype_why}); {torch.get_num_threads()} CPU threads")
-    log(f"models: {s.base} vs {s.tuned}: {cfg.model_type}, {len(cfg.moe_layers)} MoE layers x {E} experts, "
-        f"top-{K}; test split of {source}: {W} windows x {T} tokens")
+    log(f"test split of {source}: {W} windows x {T} tokens")
     results = {"settings": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(s).items()},
-               "model": {"base": str(s.base), "tuned": str(s.tuned), "model_type": cfg.model_type,
-                         "moe_layers": list(cfg.moe_layers), "n_routed_experts": E, "num_experts_per_tok": K},
-               "data": {"source": source, "test_tokens": test_tokens, "seq_len": T, "windows": W},
-               "environment": {"device": str(device), "device_reason": device_why, "dtype": dtype_name,
-                               "dtype_reason": dtype_why, "threads": torch.get_num_threads(),
-                               "torch": torch.__version__}}
+               "model": header["model"], "data": {"source": source, "test_tokens": test_tokens, "seq_len": T,
+                                                  "windows": W}, "environment": header["environment"]}
     traces = {}
     control = next((m for m in sweep if m["lambda"] == 0 and m["anchor"] == anchor_of(s.tuned)
                     and m["reuse_set"] == "window"), None)
     progress = Progress(2 + 2 * len(cache.POLICIES) * len(caps) + len(sweep)
-                        + len(s.cache_bias) * (2 + (control is not None)) + len(dec_caps) + s.llama + s.peers)
+                        + len(s.cache_bias) * (2 + (control is not None)) + len(dec_caps) + 1 + s.llama + s.peers)
 
     progress.section("quality")
     passes, certificate = {}, {}
@@ -941,13 +1056,7 @@ def run(s, log=print):
                          "verdict": verdict(families, base_ppl), "base_perplexity": base_ppl}
 
     progress.section("decode")
-    rows = []
-    for c in dec_caps:
-        row, env = decode(paths, decode_windows, s.prompt_tokens, c, s.decode_bias, device, dtype_name)
-        rows.append(row)
-        progress.tick()
-    results["decode"] = {"method": DECODE_METHOD, "windows": s.decode_windows, "prompt_tokens": s.prompt_tokens,
-                         "decode_tokens": s.decode_tokens, "window_ids": decode_windows.tolist(), **env, "rows": rows}
+    results["decode"] = decode_section(s, paths, decode_windows, dec_caps, device, dtype_name, log, progress.tick)
     prompts = [w[:s.prompt_tokens].tolist() for w in decode_windows[1:1 + FREE_PROMPTS]]
     results["decode"]["free"] = free_generation(paths, prompts, min(2 * K, E), FREE_SEEDS, s.decode_tokens,
                                                 FREE_TEMPERATURE, device, dtype_name)
@@ -1103,7 +1212,23 @@ def md_decode(r):
              f"({dec['prompt_tokens']} prompt + {dec['decode_tokens']} tokens fed one by one)", "",
              f"Method: {dec['method']}. Device {dec['device']}, {dec['dtype']}, reads: {io}.", ""]
             + table(["capacity", "contender", "ms/token (95% CI)", "speedup vs base (95% CI)", "hit rate",
-                     "loads / token", "MB read / token", "perplexity"], rows) + [""] + md_free(dec["free"]))
+                     "loads / token", "MB read / token", "perplexity"], rows) + [""] + md_bound(dec["bound"])
+            + (md_free(dec["free"]) if "free" in dec else []))
+
+
+def md_bound(b):
+    n = b["in_flight"]
+    rows = [[x["cache"], f"{x['ms_per_token']:.2f} ± {x['ms_per_token_ci95']:.2f}", f"{x['bound_ms']:.2f}",
+             f"{x['ratio_to_bound']:.2f}", f"{x['bound_parallel_ms']:.2f}", f"{x['ratio_to_parallel_bound']:.2f}",
+             f"{x['mb_per_token']:.3f}", f"{x['hit_rate']:.3f}"] for x in b["rows"]]
+    return ([f"The engine against the physical bound (the base model, the same windows, plain routing): bound = "
+             f"resident time per token ({b['resident_ms_per_token']:.2f} ± {b['resident_ms_per_token_ci95']:.2f} ms: "
+             f"the same engine with every expert in slots) + MB read per token / disk bandwidth "
+             f"({b['bandwidth_bytes_per_s'] / 1e6:.1f} MB/s for single experts read one at a time in random order, "
+             f"{b['parallel_bandwidth_bytes_per_s'] / 1e6:.1f} MB/s with {n} in flight, as the engine reads a layer's "
+             f"misses)" + (f"; {b['io_note']}" if b["io_note"] else "") + ":", ""]
+            + table(["cache", "ms/token (95% CI)", "bound ms", "ratio", f"bound ms, {n} in flight", "ratio",
+                     "MB read / token", "hit rate"], rows) + [""])
 
 
 def md_free(f):
@@ -1332,6 +1457,9 @@ def parse_args(argv=None):
                    help="skip the comparison with transformers' generate")
     g.add_argument("--no-compile", dest="compile", action="store_false", default=None,
                    help="peers: leave out the compiled engine (torch.compile takes tens of seconds)")
+    g.add_argument("--only", choices=("decode",), help="one section alone: `decode` runs the decode section (the "
+                                                         "same-token table and the engine against its physical "
+                                                         "bound) and writes decode.md and decode.json to --out")
     g.add_argument("--shape", choices=sorted(SHAPES), help="instead of the base/tuned study: a random checkpoint with "
                                                           "this published model's expert shapes and dtype, decoded "
                                                           "resident and offloaded against their bandwidth bounds")
@@ -1354,6 +1482,15 @@ def main(argv=None):
             cli.write_json(Path(s.out) / f"shape-{s.shape}.json", result)
             print(f"wrote {Path(s.out) / f'shape-{s.shape}.json'}", file=sys.stderr)
             return result
+        if s.only == "decode":
+            results = decode_only(s, log)
+            md = "\n".join(md_decode(results))
+            with cli.atomic_write(Path(s.out) / "decode.md") as tmp:
+                tmp.write_text(md + "\n")
+            cli.write_json(Path(s.out) / "decode.json", results)
+            print(md)
+            print(f"\nwrote {Path(s.out) / 'decode.md'} and decode.json", file=sys.stderr)
+            return results
         results, traces = run(s, log=log)
         md = write_outputs(results, traces, s.out)
     print(md)

@@ -159,6 +159,9 @@ def check_prompt(n_prompt, max_new_tokens, context):
     """A prompt of n_prompt tokens plus max_new_tokens must fit the model's context (max_position_embeddings)."""
     if n_prompt == 0:
         raise UserError("the prompt is empty")
+    if n_prompt > context:
+        raise UserError(f"the prompt is {n_prompt} tokens, longer than the model's context of {context} "
+                        f"(max_position_embeddings)")
     if max_new_tokens < 1:
         raise UserError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
     if n_prompt + max_new_tokens > context:

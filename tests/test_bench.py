@@ -28,9 +28,10 @@ import router
 import train
 from data import DataConfig, eval_windows, prepare_data
 from oracles import BRUTE
-from tiny import assert_cli_errors, finetune_args, load_oracle, read_tensors
+from tiny import assert_cli_errors, finetune_args, load_oracle, random_ids, read_tensors
 
 REPO = Path(__file__).resolve().parent.parent
+MAIN = "ds2-mla-greedy"  # tests/tiny.py's variant with 8 experts, top-3, layer 0 dense then 2 MoE layers
 SEQ_LEN, WINDOWS = 32, 4
 SMALL = ["--seq-len", str(SEQ_LEN), "--windows", str(WINDOWS), "--threads", "1"]
 
@@ -285,8 +286,9 @@ def test_pareto_points_against_a_resident_loop(run, truth, pair):
 def test_decode_rows(run, truth):
     """Every contender decoded the same held-out tokens: the plain models' perplexity equals model.py's
     teacher-forced one on those windows, their loads per token equal the simulator's replay of
-    model.py's routing (prefill as one step, then one token per step, cold cache per window), and the
-    figures summarise the per-window ones."""
+    model.py's routing (prefill as one step, then one token per step, cold cache per window), the
+    figures summarise the per-window ones, and the base model's engine is set against its physical bound
+    at the same capacities."""
     dec = run["results"]["decode"]
     cfg = truth["base"]["net"].config
     K, E = cfg.num_experts_per_tok, cfg.n_routed_experts
@@ -317,6 +319,8 @@ def test_decode_rows(run, truth):
             assert c["speedup"] == pytest.approx(math.exp(sum(logs) / len(logs)))
             assert c["speedup_ci95"][0] <= c["speedup"] <= c["speedup_ci95"][1]
             assert c["mb_per_token"] * 1e6 >= c["loads_per_token"] * dec["expert_bytes"] - 1e-6  # whole blocks read
+    check_bound(dec["bound"], [row["capacity"] for row in dec["rows"]])  # the base model's engine at the same caches
+    assert "The engine against the physical bound" in (run["out"] / "results.md").read_text()
 
 
 def test_free_generation(run, truth):
@@ -398,27 +402,101 @@ def test_bad_input_is_one_line(pair, tmp_path):
         "other expert count": (["--base", str(pair["base"]), "--tuned", str(variant("experts", n_routed_experts=16))],
                                "differ in n_routed_experts"),
         "capacity > E": ([*pair_args(pair), "--capacities", "2", "99"], "capacity 99 must be between 1 and"),
+        "decode capacity > E": ([*pair_args(pair), "--only", "decode", "--decode-capacities", "99"],
+                                "capacity 99 must be between 1 and"),
+        "only what": ([*pair_args(pair), "--only", "peers"], "invalid choice"),
     }
     assert_cli_errors(REPO / "bench.py", cases, cwd=tmp_path, extra=data)
     assert not (tmp_path / "out").exists()  # nothing is written before the input is checked
 
 
-def test_offload_infer_bench_on_the_pair(pair, tmp_path, capsys):
-    """`python offload_infer.py --bench`: every model plain and cache-aware on the same windows, then the
-    bound table; the JSON's summary follows from its per-window figures."""
-    out = tmp_path / "bench.json"
-    oi.main(["--bench", "--bench-models", str(pair["base"]), str(pair["tuned"]), "--data", str(pair["corpus"]),
-             "--data-dir", str(pair["data_dir"]), "--bench-windows", "2", "--bench-prompt", "4", "--bench-tokens", "6",
-             "--cache", "4", "--cache-bias", "0.05", "--threads", "1", "--json", str(out)])
+def test_only_decode_on_the_pair(pair, tmp_path, capsys):
+    """`python bench.py --only decode`: base and tuned, plain and cache-aware, on the same windows at every
+    decode capacity, then the base model's engine against its physical bound; decode.json's summary follows
+    from its per-window figures, and decode.md (also printed) holds both tables."""
+    out = tmp_path / "only"
+    bench.main([*pair_args(pair), "--only", "decode", "--decode-windows", "2", "--prompt-tokens", "4",
+                "--decode-tokens", "6", "--decode-capacities", "2", "4", "--decode-bias", "0.05", "--threads", "1",
+                "--out", str(out)])
     printed = capsys.readouterr().out
-    r = json.loads(out.read_text())
-    assert list(r["contenders"]) == ["base", "base + cache-aware 0.05", "remoe", "remoe + cache-aware 0.05"]
-    assert len(r["windows"]) == 3 and all(len(w) == 10 for w in r["windows"])
-    for name, s in r["contenders"].items():
-        per = r["per_window"][name]
-        assert len(per["s_per_token"]) == 2 and s["ms_per_token"] == pytest.approx(1e3 * sum(per["s_per_token"]) / 2)
-        assert name in printed
-    assert [row["cache"] for row in r["bound"]["rows"]] == [2, 4, 8] and "bound ms" in printed
+    assert sorted(f.name for f in out.iterdir()) == ["decode.json", "decode.md"]
+    assert printed.strip() == (out / "decode.md").read_text().strip()
+    dec = json.loads((out / "decode.json").read_text())["decode"]
+    assert len(dec["window_ids"]) == 3 and all(len(w) == 10 for w in dec["window_ids"])
+    assert [row["capacity"] for row in dec["rows"]] == [2, 4] and "free" not in dec
+    for row in dec["rows"]:
+        assert list(row["contenders"]) == ["base", "base + cache-aware 0.05", "tuned", "tuned + cache-aware 0.05"]
+        for name, s in row["contenders"].items():
+            per = row["per_window"][name]
+            assert len(per["s_per_token"]) == 2 and s["ms_per_token"] == pytest.approx(1e3 * sum(per["s_per_token"]) / 2)
+            assert name in printed
+    check_bound(dec["bound"], [2, 4])
+    assert "bound ms, 4 in flight" in printed
+
+
+def test_same_token_decode(tiny, loaded):
+    """Every contender replays the same windows: the plain engine's NLL equals model.py's on those
+    tokens (so it saw them); loads per token equal cache.simulate on each window's recorded routing,
+    cold; cache-aware routing changes routing, not the tokens; the summary's interval and speedup come
+    from the per-window figures."""
+    _, path = tiny(MAIN)
+    net = loaded(MAIN)
+    windows = random_ids(net.config.vocab_size, 4, 12, seed=11)  # (N, P + C)
+    P, cap = 5, 3
+    engines = {"plain": oi.OffloadEngine(path, oi.OffloadConfig(cache=cap)),
+               "biased": oi.OffloadEngine(path, oi.OffloadConfig(cache=cap, cache_bias=0.5))}
+    runs = bench.same_token_decode(engines, windows, P, warmup=1)
+    for e in engines.values():
+        e.close()
+    for name, r in runs.items():
+        assert len(r["s_per_token"]) == 3 and r["tokens"] == 3 * (12 - P - 1)
+    with torch.no_grad():
+        logits = net(windows[1:, :-1])  # (3, 11, V): position t predicts t + 1
+    targets = windows[1:, P + 1:]
+    want = torch.nn.functional.cross_entropy(logits[:, P:].flatten(0, 1), targets.flatten(), reduction="none")
+    got = torch.tensor(runs["plain"]["nll"], dtype=torch.float64)
+    assert torch.allclose(got, want.view(3, -1).sum(1).double(), rtol=1e-5)  # float32 sums of ~6 terms
+    # loads per token of each window = the simulator's, replaying that window's routing from a cold cache
+    steps = engines["plain"].record.steps
+    per_window = len(steps) // 4  # prefill + 7 one-token steps per window, warm-up window first
+    for w in range(1, 4):
+        chunk = steps[w * per_window:(w + 1) * per_window]
+        sim = cache.simulate([[s.routing for s in chunk]], "lru", cap, cache.SimOptions(warmup_steps=1))
+        assert runs["plain"]["loads_per_token"][w - 1] == pytest.approx(sim.misses_per_token)
+    summary = bench.summarize_runs(runs, "plain")
+    ratios = [math.log(a / b) for a, b in zip(runs["plain"]["s_per_token"], runs["biased"]["s_per_token"])]
+    mean = sum(ratios) / 3
+    sd = math.sqrt(sum((x - mean) ** 2 for x in ratios) / 2)
+    half = 4.3027 * sd / math.sqrt(3)  # t(2 dof, 97.5%) from the table
+    assert summary["biased"]["speedup"] == pytest.approx(math.exp(mean))
+    assert summary["biased"]["speedup_ci95"] == pytest.approx([math.exp(mean - half), math.exp(mean + half)], rel=1e-3)
+    assert summary["plain"]["speedup"] == pytest.approx(1.0)
+    assert summary["biased"]["hit_rate"] >= summary["plain"]["hit_rate"]
+
+
+def test_physical_bound_rows(tiny):
+    """The bound is resident time + MB missed / bandwidth, from the same replay; more cache, fewer MB."""
+    _, path = tiny(MAIN)
+    cfg = checkpoint.read_config(path)
+    windows = random_ids(cfg.vocab_size, 3, 10, seed=12)
+    result = bench.physical_bound(path, windows, 4, [2, 8], log=lambda *a: None)
+    check_bound(result, [2, 8])
+    small, full = result["rows"]
+    # with all 8 experts cached each is read at most once per layer and window; 2 slots for a top-3 thrash
+    assert full["loads_per_token"] <= 8 * len(cfg.moe_layers) / 6 < small["loads_per_token"]
+
+
+def check_bound(result, capacities):
+    """Each row's bound is resident time + MB missed / bandwidth (one read at a time, and with reads in flight)."""
+    bw, resident = result["bandwidth_bytes_per_s"], result["resident_ms_per_token"]
+    assert [row["cache"] for row in result["rows"]] == capacities and result["in_flight"] == oi.ExpertLoader.READ_THREADS
+    for row in result["rows"]:
+        assert row["bound_ms"] == pytest.approx(resident + row["mb_per_token"] * 1e6 / bw * 1e3)
+        assert row["ratio_to_bound"] == pytest.approx(row["ms_per_token"] / row["bound_ms"])
+        strict = resident + row["mb_per_token"] * 1e6 / result["parallel_bandwidth_bytes_per_s"] * 1e3
+        assert row["bound_parallel_ms"] == pytest.approx(strict)
+        assert row["ratio_to_parallel_bound"] == pytest.approx(row["ms_per_token"] / strict)
+
 
 
 def test_shape_study_on_a_small_shape(tmp_path, monkeypatch):

@@ -1,6 +1,6 @@
-"""Tests for cache.py: the simulator against a brute-force replay written from the rules in
-cache.py's docstring, Belady against an exhaustive search for the optimum, LRU against the
-plain-list oracle of tests/oracles.py, and the disk store against safetensors' own loader.
+"""Tests for cache.py: the simulator against a brute-force replay written from the rules of
+cache.SimOptions, Belady against an exhaustive search for the optimum, LRU against the plain-list
+oracle of tests/oracles.py, and the shared counts (cache.Counts) worked by hand.
 
 Worked by hand (LRU, capacity 2, K = 2, one MoE layer, cold start), the step rule at work:
 
@@ -12,23 +12,15 @@ Worked by hand (LRU, capacity 2, K = 2, one MoE layer, cold start), the step rul
 Looked up independently (together=False), t1's 2 evicts 0 (least recent) and 0 then misses and
 evicts 1; t2's 1 evicts 2 and 2 evicts 0: 0 hits of 6.
 """
-import ctypes
-import errno
 import itertools
 import math
-import mmap
-import os
 import random
-import shutil
 
 import pytest
 import torch
 
 import cache
-import checkpoint
-import cli
 from oracles import lru_hits
-from tiny import make_checkpoint, read_config, read_tensors, write_checkpoint, write_fp8_checkpoint
 
 # ----------------------------------------------------------------------------------------------
 # brute-force references: lists and linear scans, one global clock, the future scanned on demand
@@ -231,6 +223,19 @@ def test_cache_never_exceeds_capacity_and_slots_are_distinct():
                 assert sorted(c.slot_of.values()) == list(range(len(c.slot_of)))
 
 
+def test_counts_by_hand():
+    """The figures the simulator and the engine share. 3 tokens, top-2, 2 MoE layers: 12 requests, 4 found
+    in the cache and 8 read: hit rate 4 / 12 = 0.333, 8 / 3 = 2.67 experts loaded per token. A SimResult's
+    figures are those of its totals."""
+    c = cache.Counts(hits=4, misses=8, tokens=3)
+    assert c.hit_rate == pytest.approx(1 / 3) and c.misses_per_token == pytest.approx(8 / 3)
+    assert math.isnan(cache.Counts(0, 0, 0).hit_rate) and math.isnan(cache.Counts(0, 0, 0).misses_per_token)
+    r = cache.SimResult(torch.tensor([[0, 1], [2, 1]]), torch.tensor([[2, 1], [0, 1]]), torch.tensor([2, 1]))
+    assert r.totals() == cache.Counts(hits=4, misses=4, tokens=3)
+    assert (r.hit_rate, r.misses_per_token) == (0.5, pytest.approx(4 / 3))
+    assert r.layer_hit_rates() == [0.5, 0.5]
+
+
 def test_options_are_validated():
     with pytest.raises(ValueError):
         cache.SimOptions(scope="device")
@@ -238,187 +243,6 @@ def test_options_are_validated():
         cache.ExpertCache(0)
     with pytest.raises(ValueError):
         cache.ExpertCache(2, "belady")  # no future
-
-
-# ----------------------------------------------------------------------------------------------
-# the disk store
-
-PROJ_ON_DISK = {  # module name -> each architecture's tensor name, written out independently of checkpoint.RENAMES
-    "mixtral": {"gate_proj": "block_sparse_moe.experts.{e}.w1", "up_proj": "block_sparse_moe.experts.{e}.w3",
-                "down_proj": "block_sparse_moe.experts.{e}.w2"},
-}
-
-
-def expert_names(model_type, layer, e):
-    table = PROJ_ON_DISK.get(model_type, {p: f"mlp.experts.{{e}}.{p}" for p in cache.EXPERT_PROJS})
-    return [f"model.layers.{layer}.{table[p].format(e=e)}.weight" for p in cache.EXPERT_PROJS]
-
-
-def safetensors_reference(path):
-    """{name: tensor} with safetensors' own loader, over all shards."""
-    return read_tensors(path)
-
-
-@pytest.mark.parametrize("io", ["mmap", "direct"])
-@pytest.mark.parametrize("vid", ["ds2-mla-greedy", "mixtral-gqa", "qwen2-sparse-step2"])
-def test_store_matches_safetensors(vid, io, tiny):
-    _, path = tiny(vid)
-    ref = safetensors_reference(path)
-    cfg = checkpoint.read_config(path)
-    with cache.ExpertStore(path, cfg, io) as store:
-        assert store.io == io, store.fallback
-        for layer in cfg.moe_layers:
-            for e in range(cfg.n_routed_experts):
-                got = store.read(layer, e)
-                for t, name in zip(got, expert_names(cfg.model_type, layer, e)):
-                    assert torch.equal(t, ref[name]), name
-        assert store.reads == len(cfg.moe_layers) * cfg.n_routed_experts
-
-
-@pytest.mark.parametrize("io", ["mmap", "direct"])
-def test_store_reads_sharded_bf16_checkpoint(io, tmp_path):
-    _, src = make_checkpoint(tmp_path / "f32", "qwen3_moe", max_shard_size="200KB")
-    files = sorted(os.listdir(src))
-    assert sum(f.endswith(".safetensors") for f in files) > 1, files
-    tensors = {k: v.to(torch.bfloat16) for k, v in read_tensors(src).items()}
-    write_checkpoint(tmp_path / "bf16", tensors, read_config(src))
-    cfg = checkpoint.read_config(tmp_path / "bf16")
-    for path, expect_dtype in ((src, torch.float32), (tmp_path / "bf16", torch.bfloat16)):
-        ref = safetensors_reference(path)
-        with cache.ExpertStore(path, cfg, io) as store:
-            for layer, e in [(cfg.moe_layers[0], 0), (cfg.moe_layers[-1], cfg.n_routed_experts - 1)]:
-                for t, name in zip(store.read(layer, e), expert_names(cfg.model_type, layer, e)):
-                    assert ref[name].dtype == expect_dtype
-                    assert t.dtype == torch.float32 and torch.equal(t, ref[name].float()), name
-
-
-@pytest.mark.parametrize("io", ["mmap", "direct"])
-def test_store_dequantizes_fp8(io, tmp_path):
-    _, src = make_checkpoint(tmp_path / "src", "deepseek_v3")
-    write_fp8_checkpoint(src, tmp_path / "fp8", tmp_path / "deq", block_size=(16, 16), with_mtp=False)
-    cfg = checkpoint.read_config(tmp_path / "fp8")
-    assert cfg.fp8_block == (16, 16)
-    ref = safetensors_reference(tmp_path / "deq")  # dequantized by tiny.py's own loop
-    with cache.ExpertStore(tmp_path / "fp8", cfg, io) as store:
-        assert store.parts[(cfg.moe_layers[0], 0)][0][0].dtype == torch.float8_e4m3fn
-        for layer in cfg.moe_layers:
-            for e in (0, 5, cfg.n_routed_experts - 1):
-                for t, name in zip(store.read(layer, e), expert_names(cfg.model_type, layer, e)):
-                    assert torch.equal(t, ref[name]), name
-
-
-def _smaps_rss_kb(address):
-    """Rss of the mapping that starts at `address`, from /proc/self/smaps."""
-    with open("/proc/self/smaps") as f:
-        lines = f.read().splitlines()
-    for i, line in enumerate(lines):
-        if line.split("-")[0] == f"{address:x}":
-            for other in lines[i + 1:]:
-                if other.startswith("Rss:"):
-                    return int(other.split()[1])
-    raise AssertionError("mapping not found")
-
-
-def _page_cache_pages(path, start, end):
-    """Pages of the file range [start, end) in the OS page cache, by mincore on a fresh mapping."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    with open(path, "rb") as f:
-        m = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
-    buf = (ctypes.c_char * len(m)).from_buffer(m)
-    a = start - start % mmap.PAGESIZE
-    n = -(-(end - a) // mmap.PAGESIZE)
-    vec = (ctypes.c_ubyte * n)()
-    rc = libc.mincore(ctypes.c_void_p(ctypes.addressof(buf) + a), ctypes.c_size_t(end - a), vec)
-    del buf
-    m.close()
-    assert rc == 0, os.strerror(ctypes.get_errno())
-    return sum(v & 1 for v in vec)
-
-
-@pytest.mark.skipif(not os.path.exists("/proc/self/smaps"), reason="needs Linux /proc")
-def test_mmap_store_releases_pages(tiny, tmp_path):
-    """After a read the expert occupies neither this process's memory nor the OS page cache."""
-    _, src = tiny("ds2-mla-greedy")
-    shutil.copytree(src, tmp_path / "ckpt")  # a file no other test has mapped
-    path = tmp_path / "ckpt"
-    fd = os.open(path / "model.safetensors", os.O_RDONLY)
-    os.fsync(fd)  # dirty pages cannot be dropped; the copy must reach the disk first
-    os.close(fd)
-    cfg = checkpoint.read_config(path)
-    with cache.ExpertStore(path, cfg, "mmap") as store:
-        m = store.maps[path / "model.safetensors"]
-        buf = (ctypes.c_char * len(m)).from_buffer(m)
-        address = ctypes.addressof(buf)
-        del buf
-        for layer, e in store.parts:
-            store.read(layer, e)
-        assert _smaps_rss_kb(address) == 0
-        infos = [i for parts in store.parts.values() for i, _ in parts]
-        lo, hi = min(i.start for i in infos), max(i.end for i in infos)
-        assert _page_cache_pages(path / "model.safetensors", lo, hi) <= 2  # at most the edge pages' neighbours
-
-
-def test_direct_falls_back_when_refused(tiny, monkeypatch):
-    _, path = tiny("ds2-mla-greedy")
-
-    def refuse(path):
-        raise OSError(errno.EINVAL, "Invalid argument")
-
-    monkeypatch.setattr(cache, "open_direct", refuse)
-    ref = safetensors_reference(path)
-    cfg = checkpoint.read_config(path)
-    with cache.ExpertStore(path, cfg, "direct") as store:
-        assert store.io == "mmap" and "refuses O_DIRECT" in store.fallback
-        for t, name in zip(store.read(1, 3), expert_names(cfg.model_type, 1, 3)):
-            assert torch.equal(t, ref[name])
-
-
-def test_store_rejects_checkpoint_without_experts(tiny, tmp_path):
-    _, src = tiny("ds2-mla-greedy")
-    tensors = read_tensors(src)
-    dense = {k: v for k, v in tensors.items() if ".mlp.experts." not in k}
-    write_checkpoint(tmp_path / "noexp", dense, read_config(src))
-    with pytest.raises(cli.UserError, match="no routed expert tensors") as e:
-        cache.ExpertStore(tmp_path / "noexp")
-    assert "\n" not in str(e.value)
-    missing = dict(tensors)
-    del missing["model.layers.2.mlp.experts.5.up_proj.weight"]
-    write_checkpoint(tmp_path / "one-missing", missing, read_config(src))
-    with pytest.raises(cli.UserError, match="experts.5.up_proj"):
-        cache.ExpertStore(tmp_path / "one-missing")
-
-
-def test_read_bandwidth_counts_bytes(tiny):
-    _, path = tiny("ds2-mla-greedy")
-    with cache.ExpertStore(path, io="mmap") as store:
-        experts = list(store.parts)[:4]
-        assert cache.read_bandwidth(store, experts) > 0
-        assert store.bytes_read == 5 * store.expert_bytes  # one scratch read + four timed reads
-
-
-@pytest.mark.parametrize("io", ["mmap", "direct"])
-def test_reads_from_several_threads_at_once(io, tiny):
-    """The engine reads a token's misses in parallel threads: every expert of every layer, read 4 at a time
-    into distinct outputs, equals safetensors' tensors, and the counts add up (no update lost to a race)."""
-    from concurrent.futures import ThreadPoolExecutor
-    _, path = tiny("ds2-mla-greedy")
-    ref = safetensors_reference(path)
-    cfg = checkpoint.read_config(path)
-    with cache.ExpertStore(path, cfg, io) as store, ThreadPoolExecutor(4) as pool:
-        experts = list(store.parts)
-        outs = {key: store.read(*key) for key in experts}  # scratch triples, filled with the right expert already
-        for t in [x for triple in outs.values() for x in triple]:
-            t.zero_()
-        before, reads = store.bytes_read, store.reads
-        for done in [pool.submit(store.read_into, *key, outs[key]) for key in experts]:
-            done.result()
-        for (layer, e), triple in outs.items():
-            for got, name in zip(triple, expert_names(cfg.model_type, layer, e)):
-                assert torch.equal(got, ref[name]), name
-        assert store.reads - reads == len(experts)
-        if io == "mmap":  # O_DIRECT counts whole aligned blocks
-            assert store.bytes_read - before == len(experts) * store.expert_bytes
-        assert cache.read_bandwidth(store, experts[:8], in_flight=4) > 0
 
 
 def test_cached_before_is_the_cache_content_before_each_token():

@@ -8,7 +8,7 @@ Both models, the base MoE and its ReMoE-tuned twin (same weights, new routers), 
 same held-out windows in the same process, and every comparison is a ratio taken side by side:
   - quality: test perplexity of each model from one teacher-forced pass, how often the tuned model's
     top-1 prediction equals the base model's, and the certificate that the testbed can fail a routing
-    method (perplexity with random routers, and with the routed experts off: base.ablations);
+    method (perplexity with random routers, and with the routed experts off: testbed.ablations);
   - reuse: the share of a token's experts that the previous w tokens already used (w = 1, 2, 4),
     per MoE layer and overall (router.reuse_rate);
   - cache study: the routing of those windows replayed through per-layer caches of every size from
@@ -51,7 +51,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-import base
+import testbed
 import cache
 import checkpoint
 import cli
@@ -889,7 +889,7 @@ def run(s, log=print):
     for name, path in paths.items():
         net = checkpoint.load_model(path, device, dtype)
         passes[name] = teacher_forced(net, windows, s.batch_size)
-        certificate[name] = base.ablations(net, windows, batch_size=s.batch_size)
+        certificate[name] = testbed.ablations(net, windows, batch_size=s.batch_size)
         del net  # one model in memory at a time
         traces[f"routing_{name}"] = torch.stack(passes[name].indices)  # (L, W, T, K)
         progress.tick()

@@ -168,7 +168,7 @@ def print_change(name, r, base_report):
 
 
 def summary(reports):
-    """The first report of {name: test report} (the base model's) against the last."""
+    """The base model's report ("0 base") of {model name: test report} against the last one."""
     first, final = reports["0 base"], reports[list(reports)[-1]]
     capacity = next(iter(first["lru_hit_rate"]))
     return {"perplexity_base": first["perplexity"], "perplexity_tuned": final["perplexity"],

@@ -32,7 +32,6 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-import base
 import cache
 import checkpoint
 import cli
@@ -41,6 +40,7 @@ import offload_infer as oi
 import router
 import stats
 import store
+import testbed
 from data import DataConfig, eval_windows, prepare_data
 from cli import UserError
 
@@ -1004,7 +1004,7 @@ def run(s, log=print):
     for name, path in paths.items():
         net = checkpoint.load_model(path, device, dtype)
         passes[name] = teacher_forced(net, windows, s.batch_size)
-        certificate[name] = base.ablations(net, windows, batch_size=s.batch_size)
+        certificate[name] = testbed.ablations(net, windows, batch_size=s.batch_size)
         del net  # one model in memory at a time
         traces[f"routing_{name}"] = torch.stack(passes[name].indices)  # (L, W, T, K)
         progress.tick()

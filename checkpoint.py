@@ -2,7 +2,8 @@
 checkpoint.py: the Hugging Face checkpoint format, read and written without transformers: config.json
 mapped onto model.ModelConfig by an explicit key map (legacy hub keys and transformers-5 keys), the
 safetensors header checked as the format defines it, tensors memory-mapped straight into the model
-(one file or the shards of an index, FP8 blocks dequantized), and models saved in the same layout.
+(one file or the shards of an index, FP8 blocks dequantized), models saved in the same layout, and the
+tuned checkpoint that train.py exports (the base's files with only the router tensors replaced).
 
     python checkpoint.py --model runs/default/base                     # summary of a checkpoint
     python checkpoint.py --model runs/default/base --prompt "def main():" --max-new-tokens 40
@@ -14,6 +15,7 @@ notes lists them per architecture). Leaves out: writing shards, GGUF (export.py)
 import json
 import math
 import mmap
+import os
 import shutil
 import struct
 import time
@@ -21,6 +23,8 @@ from pathlib import Path
 from typing import NamedTuple
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from cli import DEFAULT_BASE_DIR, DEFAULT_RUN, ArgumentParser, UserError, atomic_write, check_prompt, user_errors
 from model import ModelConfig, Transformer, count_parameters, generate
@@ -359,8 +363,6 @@ def save_model(model, out_dir, config_dict, files=None):
     """Write `model` to out_dir in the Hugging Face layout that load_model (and transformers) read:
     config.json and model.safetensors under the checkpoint's tensor names, plus `files`
     {name: text, or a Path to copy}; all in a temporary folder renamed into place at the end."""
-    from safetensors.torch import save_file
-
     cfg = model.config
     state = {disk_name(cfg, k): v.detach().contiguous() for k, v in model.state_dict().items()
              if not (cfg.tie_word_embeddings and k == "lm_head.weight")}  # a tied head is the embedding
@@ -385,6 +387,40 @@ def stored_dtype(path):
             by_dtype[info.dtype] = by_dtype.get(info.dtype, 0) + info.end - info.start
     return max(by_dtype, key=by_dtype.get) if by_dtype else torch.float32
 
+
+def export_tuned(base_dir, out_dir, cfg, routers, results):
+    """The tuned checkpoint (train.py): out_dir written atomically, every file of base_dir hard-linked (or
+    copied) except the safetensors files that hold router tensors, rewritten with `routers` ({MoE layer:
+    (E, D) tensor}) in the checkpoint's own dtype; names, shapes, shards and the index stay as they were.
+    The tuned model costs only its routers on disk and loads wherever the base loads."""
+    base_dir, out_dir = Path(base_dir), Path(out_dir)
+    routers = {disk_name(cfg, f"model.layers.{l}.mlp.gate.weight"): w for l, w in routers.items()}
+    index = base_dir / "model.safetensors.index.json"
+    if index.exists():
+        weight_map = json.loads(index.read_text())["weight_map"]
+    else:
+        weight_map = {name: "model.safetensors" for name in routers}
+    to_rewrite = {weight_map[name] for name in routers}
+    with atomic_write(out_dir) as tmp:
+        tmp.mkdir()
+        for f in sorted(base_dir.iterdir()):
+            if not f.is_file() or f.name == "results.json":
+                continue
+            if f.name in to_rewrite:
+                tensors = {}
+                with safe_open(f, framework="pt") as st:
+                    metadata = st.metadata()
+                    for name in st.keys():
+                        t = st.get_tensor(name)
+                        tensors[name] = routers[name].to(t.dtype).contiguous() if name in routers else t
+                save_file(tensors, tmp / f.name, metadata=metadata)
+                (tmp / f.name).chmod(0o644)  # safetensors creates files readable by their owner only
+            else:
+                try:
+                    os.link(f, tmp / f.name)  # same bytes, no copy
+                except OSError:
+                    shutil.copyfile(f, tmp / f.name)
+        (tmp / "results.json").write_text(json.dumps(results, indent=2) + "\n")
 
 
 # ----------------------------------------------------------------------------------------------

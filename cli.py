@@ -6,6 +6,7 @@ version or the new one, never half of one). The lowest file: it imports nothing 
 """
 
 import argparse
+import dataclasses
 import json
 import os
 import secrets
@@ -167,3 +168,37 @@ def check_prompt(n_prompt, max_new_tokens, context):
     if n_prompt + max_new_tokens > context:
         raise UserError(f"the prompt ({n_prompt} tokens) plus --max-new-tokens {max_new_tokens} exceeds the "
                         f"model's context of {context} (max_position_embeddings)")
+
+
+# ----------------------------------------------------------------------------------------------
+# Flags into values: what argparse does not parse (one UserError naming the flag), and config dataclasses
+
+def comma_numbers(text, kind, flag):
+    """A comma-separated flag value as a list of non-negative `kind`."""
+    try:
+        values = [kind(x) for x in text.split(",")]
+    except ValueError:
+        values = [-1]
+    if min(values) < 0:
+        raise UserError(f"{flag} takes comma-separated numbers >= 0, got {text!r}")
+    return values
+
+
+def json_object(text, flag, keys, where, example):
+    """A flag's JSON object (None: {}) whose keys are all among `keys` (named `where` in the error)."""
+    try:
+        value = {} if text is None else json.loads(text)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{flag} is not valid JSON ({e.msg}); expected an object such as '{example}'") from None
+    if not isinstance(value, dict):
+        raise UserError(f"{flag} must be a JSON object, got {type(value).__name__}")
+    unknown = sorted(set(value) - set(keys))
+    if unknown:
+        raise UserError(f"{flag} key {unknown[0]!r} is not a key of {where}")
+    return value
+
+
+def config_from_flags(cls, args, **given):
+    """A config dataclass whose fields come from the parsed flags of the same name, except those `given`
+    (the flags' defaults are the dataclass's own, so each default is declared once)."""
+    return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)} | given)

@@ -14,7 +14,7 @@ This file holds:
   - two load-balance losses: Switch Transformer's (Fedus et al., 2021, eq. 4) over the whole
     batch, and DeepSeek's sequence-wise one (DeepSeek-V2 sec. 2.2.3 "expert-level balance loss";
     DeepSeek-V3 sec. 2.1.2 "complementary sequence-wise auxiliary loss");
-  - metrics: reuse rate and per-expert load, gathered by `routing_report` for base.py, train.py
+  - metrics: reuse rate and per-expert load, gathered by `routing_report` for testbed.py, train.py
     and bench.py. Cache hit rates are cache.py's (`cache.simulate`), the one cache simulator.
 
 It leaves out padding masks and document boundaries inside packed sequences: every row of a
@@ -224,7 +224,7 @@ def expert_load(indices, num_experts):
 
 
 def routing_report(routing, num_experts, windows=(1,)):
-    """All routing metrics of one forward pass in a dict of floats, for base.py, train.py and bench.py.
+    """All routing metrics of one forward pass in a dict of floats, for testbed.py, train.py and bench.py.
 
     Keys: "layers" (decoder-layer ids), "reuse" {window: mean over layers}, "reuse_per_layer"
     {window: [per layer]}, "load_max_over_mean" and "load_cv" ([per layer]).

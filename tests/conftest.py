@@ -85,9 +85,9 @@ def corpus(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def base_run(corpus, tmp_path_factory):
-    """The small base model built by `python base.py`, once per session, in OUT/base."""
+    """The small base model built by `python train.py --base-only`, once per session, in OUT/base."""
     out = tmp_path_factory.mktemp("run")
-    import base
+    import train
 
-    base.main(["--data", str(corpus), "--out", str(out), *SMALL_RUN])
+    train.main(["--base-only", "--data", str(corpus), "--out", str(out), *SMALL_RUN])
     return out

@@ -1,5 +1,5 @@
 """Tests for router.py: every loss and metric against a plain Python loop, plus hand-worked cases;
-and the LRU hit rate that base.py and train.py report (cache.simulate) against two LRU loops.
+and the LRU hit rate that testbed.py and train.py report (cache.simulate) against two LRU loops.
 
 The brute-force references below loop over sequences and tokens with Python sets and floats, so
 they share no code (and no vectorisation trick) with router.py or cache.py.

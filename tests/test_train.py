@@ -1,4 +1,5 @@
-"""base.py and train.py: the base model base.py builds loads in transformers with the same logits; ReMoE
+"""train.py and the files it uses: the base model that `train.py --base-only` builds (testbed.py) loads in
+transformers with the same logits; ReMoE
 trains only the routers, exports a checkpoint in which only router tensors differ, resumes after a
 Ctrl-C or a SIGKILL bit for bit but only a state that the same arguments made, leaves no temporary
 files behind, and gives the same routers in 2 data-parallel processes as in one with the same global
@@ -19,9 +20,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-import base
 import checkpoint
 import cli
+import resume
 import router
 import train
 from tiny import SMALL_RUN, assert_cli_errors, assert_close, finetune_args, load_oracle, make_checkpoint, read_tensors
@@ -67,7 +68,7 @@ def assert_same_routers(a, b):
 
 
 # ----------------------------------------------------------------------------------------------
-# base.py: the default base model
+# testbed.py: the default base model, built by train.py --base-only
 
 def test_base_model_is_a_hugging_face_checkpoint(base_run):
     base_dir = base_run / "base"
@@ -87,7 +88,7 @@ def test_base_model_is_a_hugging_face_checkpoint(base_run):
 
 def test_second_run_reuses_the_base(base_run, corpus, capsys):
     before = (base_run / "base" / "model.safetensors").stat().st_mtime_ns
-    base.main(["--data", str(corpus), "--out", str(base_run), *SMALL_RUN])
+    train.main(["--base-only", "--data", str(corpus), "--out", str(base_run), *SMALL_RUN])
     assert "using the default base model" in capsys.readouterr().out
     assert (base_run / "base" / "model.safetensors").stat().st_mtime_ns == before
 
@@ -96,21 +97,21 @@ def test_pretraining_resumes_only_with_the_same_arguments(base_run, corpus, tmp_
     """Interrupt pretraining mid-way: a rerun with another --seed is refused with both values named; the
     same command resumes from the saved state and ends with the weights of the uninterrupted run, and
     its wall_seconds include the time of the interrupted process."""
-    args = ["--data", str(corpus), "--out", str(tmp_path), *SMALL_RUN, "--save-every", "1"]
+    args = ["--base-only", "--data", str(corpus), "--out", str(tmp_path), *SMALL_RUN, "--save-every", "1"]
     state_file = tmp_path / "base.pretrain-state.pt"
     interrupt_call(monkeypatch, router, "balance_loss", 3)
     with pytest.raises(SystemExit) as e:
-        base.main(args)
+        train.main(args)
     assert e.value.code == 130 and not (tmp_path / "base").exists() and state_file.exists()
     monkeypatch.undo()
     add_wall_seconds(state_file, 1000.0)
     capsys.readouterr()
     with pytest.raises(SystemExit) as e:
-        base.main([*args, "--seed", "1"])
+        train.main([*args, "--seed", "1"])
     err = capsys.readouterr().err.strip()
     assert e.value.code == 2 and len(err.splitlines()) == 1
     assert "--seed: 0 in the state, 1 now" in err and "--no-resume" in err
-    base.main(args)
+    train.main(args)
     assert "resuming pretraining at step 2 of 4" in capsys.readouterr().out
     assert not state_file.exists() and hidden_files(tmp_path) == []
     a, b = read_tensors(base_run / "base"), read_tensors(tmp_path / "base")
@@ -226,10 +227,10 @@ def test_a_state_of_other_arguments_is_refused(tuned_run, corpus, tmp_path, monk
     bad = tmp_path / "bad-state.pt"
     bad.write_bytes(b"not a pickle")
     with pytest.raises(cli.UserError, match="unreadable training state .*; pass --no-resume to start over"):
-        base.load_state(bad, {"--seed": 0})
+        resume.load_state(bad, {"--seed": 0})
     torch.save({"run_key": {"world": 1}, "stage": 0}, bad)
     with pytest.raises(cli.UserError, match="not a training state that this version of remoe wrote"):
-        base.load_state(bad, {"--seed": 0})
+        resume.load_state(bad, {"--seed": 0})
 
 
 def test_rerun_after_an_interrupted_export(tuned_run, corpus, tmp_path, monkeypatch, capsys):
@@ -237,7 +238,7 @@ def test_rerun_after_an_interrupted_export(tuned_run, corpus, tmp_path, monkeypa
     stages are done (not "stage 4" of 3), exports, and gives the routers of an uninterrupted run."""
     out = tmp_path / "run"
     shutil.copytree(tuned_run / "base", out / "base")
-    interrupt_call(monkeypatch, train, "save_file", 1)  # inside cli.atomic_write, after the hard links
+    interrupt_call(monkeypatch, checkpoint, "save_file", 1)  # inside cli.atomic_write, after the hard links
     with pytest.raises(SystemExit) as e:
         train.main(finetune_args(corpus, out))
     assert e.value.code == 130 and not (out / "remoe").exists() and hidden_files(out) == []
@@ -285,7 +286,7 @@ def test_export_of_a_sharded_checkpoint_rewrites_only_router_shards(tmp_path):
         for l in model.config.moe_layers:
             model.model.layers[l].mlp.gate.weight.add_(1.0)
     tuned_routers = {l: model.model.layers[l].mlp.gate.weight.detach() for l in model.config.moe_layers}
-    train.export_tuned(path, tmp_path / "tuned", model.config, tuned_routers, {"note": "test"})
+    checkpoint.export_tuned(path, tmp_path / "tuned", model.config, tuned_routers, {"note": "test"})
     router_shards = {index[f"model.layers.{l}.mlp.gate.weight"] for l in model.config.moe_layers}
     for shard in set(index.values()):
         same = os.path.samefile(path / shard, tmp_path / "tuned" / shard)
@@ -336,7 +337,8 @@ def test_bad_input_is_one_line(base_run, corpus, tmp_path):
 
 def test_seq_len_beyond_the_context_is_refused(base_run, corpus, tmp_path, capsys):
     runs = [(train.main, ["--model", str(base_run / "base"), "--seq-len", "4096"], "--seq-len 4096 is longer than"),
-            (base.main, ["--data", str(corpus), "--seq-len", "2048"], "--seq-len 2048 is longer than the base model's")]
+            (train.main, ["--base-only", "--data", str(corpus), "--seq-len", "2048"],
+             "--seq-len 2048 is longer than the base model's")]
     for main, argv, message in runs:
         with pytest.raises(SystemExit) as e:
             main([*argv, "--out", str(tmp_path / "out")])
@@ -353,6 +355,8 @@ def test_seq_len_beyond_the_context_is_refused(base_run, corpus, tmp_path, capsy
     (["--window", "0"], "--window must be >= 1, got 0"),
     (["--lr", "0"], "--lr must be > 0, got 0.0"),
     (["--model", "somewhere", "--rebuild-base"], "--rebuild-base pretrains the default base model, which --model"),
+    (["--model", "somewhere", "--base-only"], "--base-only builds the default base model, which --model"),
+    (["--reuse-cache", "-1"], "--reuse-cache must be >= 0, got -1"),
     (["--batch-size", "0"], "--batch-size must be >= 1, got 0"),
     (["--vocab-size", "100"], "--vocab-size must be >= 257, got 100"),
     (["--pretrain-steps", "0"], "--pretrain-steps must be >= 1, got 0"),
@@ -372,6 +376,16 @@ def test_under_torchrun_the_batch_must_split_evenly(tmp_path, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")  # what torchrun --nproc_per_node 2 tells each process
     with pytest.raises(cli.UserError, match=r"--batch-size 3 must be divisible by the number of processes \(2\)"):
         train.prepare_flags(train.parse_args(["--model", str(tmp_path), "--batch-size", "3", "--out", str(tmp_path)]))
+
+
+def test_under_torchrun_the_default_base_is_built_first(tmp_path, monkeypatch):
+    """torchrun's processes cannot all build the base model: the error names the one-process command."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for extra in ([], ["--base-only"]):
+        with pytest.raises(cli.UserError) as e:
+            train.prepare_flags(train.parse_args(["--batch-size", "4", "--out", str(tmp_path), *extra]))
+        assert f"one process before torchrun: python train.py --base-only --out {tmp_path}" in str(e.value)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_sweep_prints_one_row_per_lambda(base_run, corpus, tmp_path, capsys):
@@ -432,13 +446,15 @@ def test_gradient_checkpointing_gives_the_same_router_gradients(base_run):
 def test_imports_run_one_way():
     """Every project file imports only files on lower floors, so there is no circle of imports: cli.py (errors,
     flags, atomic writes) at the bottom, then model.py, then checkpoint.py; router.py imports nothing of the
-    project; data.py, cache.py and export.py the files below them; base.py and offload_infer.py files below
-    them; train.py and bench.py, the top, are imported by none. Imports inside functions count too."""
+    project; resume.py and distributed.py (train.py's infrastructure) only cli.py; stats.py nothing; data.py,
+    cache.py, store.py and export.py the files below them; testbed.py and offload_infer.py files below them; train.py and bench.py,
+    the top, are imported by none. Imports inside functions count too."""
     low = {"cli", "model", "checkpoint"}
     allowed = {"cli": set(), "model": set(), "checkpoint": {"cli", "model"}, "router": set(), "data": {"cli"},
-               "cache": low, "store": low, "stats": set(), "export": low, "offload_infer": low | {"cache", "store"},
-               "base": low | {"data", "router", "cache"}, "train": low | {"data", "router", "base", "cache"},
-               "bench": low | {"data", "router", "base", "cache", "store", "stats", "offload_infer", "export"}}
+               "resume": {"cli"}, "distributed": {"cli"}, "cache": low, "store": low, "stats": set(), "export": low,
+               "offload_infer": low | {"cache", "store"}, "testbed": low | {"data", "router", "cache", "resume"},
+               "train": low | {"data", "router", "testbed", "cache", "resume", "distributed"},
+               "bench": low | {"data", "router", "testbed", "cache", "store", "stats", "offload_infer", "export"}}
     project = {p.stem for p in REPO.glob("*.py")}
     assert project == set(allowed), "a new file needs its floor here"
     for name, below in allowed.items():

@@ -100,13 +100,13 @@ ARCH_VARIANTS = [
 VARIANT_IDS = [vid for vid, _, _ in ARCH_VARIANTS]
 VARIANTS = {vid: (arch, overrides) for vid, arch, overrides in ARCH_VARIANTS}
 
-# ---------------------------------------------------------------- the small default-like base (base.py, train.py)
+# ---------------------------------------------------------------- the small default-like base (testbed.py, train.py)
 
-# a base model "built the same way" as the default (base.DEFAULT_BASE), only smaller
+# a base model "built the same way" as the default (testbed.DEFAULT_BASE), only smaller
 SMALL_BASE = dict(hidden_size=32, num_hidden_layers=3, intermediate_size=48, num_attention_heads=2,
                   num_key_value_heads=2, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8,
                   n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=16)
-# `python base.py` (and train.py when it builds the base) with these flags pretrains SMALL_BASE in seconds
+# `python train.py --base-only` (and train.py when it builds the base) with these flags pretrains SMALL_BASE in seconds
 SMALL_RUN = ["--vocab-size", "320", "--batch-size", "4", "--pretrain-batch-size", "4", "--seq-len", "32", "--eval-windows", "4",
              "--pretrain-steps", "4", "--base-overrides", json.dumps(SMALL_BASE), "--seed", "0"]
 

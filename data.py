@@ -1,36 +1,24 @@
-"""Data: from a text corpus to the token windows a language model trains and evaluates on.
+"""data.py: from a text corpus to the token windows a language model trains and evaluates on.
 
-What it teaches, top to bottom:
-  1. read a corpus (by default the Python standard library's own sources: real text that is the
-     same on every machine with the same Python) and split it *by document* with a stable hash,
-     so no file is ever in two of train / val / test;
-  2. train a byte-level BPE tokenizer on the train split (GPT-2's scheme, Radford et al. 2019:
-     every byte is a token to start with, so any string round-trips exactly), or use the
-     `tokenizer.json` a checkpoint ships;
-  3. tokenize each split once into a flat array of ids, documents separated by an end-of-text
-     token, and cache it on disk as a numpy memmap (as nanoGPT's `prepare.py` does);
-  4. cut training batches as random windows and evaluation batches as fixed, evenly spaced ones.
+Top to bottom: read a corpus (by default the Python standard library's sources) and split it *by
+document* with a stable hash, so no file is in two splits; train a byte-level BPE tokenizer on the
+train split (GPT-2's scheme: every byte is a token to start with, so any string round-trips), or use a
+checkpoint's tokenizer.json; tokenize each split once into ids cached on disk as a numpy memmap (as
+nanoGPT's prepare.py); cut random training batches and fixed, evenly spaced evaluation windows.
+Leaves out corpora larger than memory, masks at document boundaries and deduplication.
 
-What it leaves out: corpora larger than memory, attention masks at document boundaries (a window
-may straddle two documents, as in GPT-2 training), and deduplication. Bad input (a missing path, a
-malformed line, a split too small for one window) raises cli.UserError: one line that names the
-file or flag and what was expected. Every file is written through cli.atomic_write.
-
-Shape legend: B batch size, T sequence length (a window holds T + 1 ids: input [:, :-1],
-target [:, 1:]), N evaluation windows.
-
-Examples:
-    python data.py                                    # stdlib corpus on CPU, ~25 s first run
+    python data.py                                    # the stdlib corpus, on the CPU
     python data.py --data notes/ --glob "**/*.md" --out runs/notes/data
     python data.py --data corpus.jsonl --vocab-size 4096 --out runs/jsonl/data
+
+Shapes: B batch, T sequence length (a window holds T + 1 ids: input [:, :-1], target [:, 1:]), N windows.
 """
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import json
-import os
 import sys
-import sysconfig
 import time
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -70,7 +58,7 @@ class Corpus:
     val: list[Document]
     test: list[Document]
     skipped: dict[str, int] = field(default_factory=dict)  # reason -> number of files or lines
-    source: str = "stdlib"
+    source: str = "default"
 
     @cached_property
     def fingerprint(self) -> str:
@@ -95,15 +83,36 @@ def split_of(name: str, cfg: DataConfig) -> str:
     return "val" if u < cfg.test_fraction + cfg.val_fraction else "train"
 
 
-def stdlib_files() -> list[tuple[str, Path]]:
-    """The stdlib's *.py files as sorted (relative posix path, path), without site-packages."""
-    root, files = Path(sysconfig.get_paths()["stdlib"]), []
-    for folder, subfolders, names in os.walk(root):
-        # site-packages holds third-party code that differs between machines; don't even walk it.
-        subfolders[:] = [d for d in subfolders if d != "site-packages"]
-        paths = [Path(folder, n) for n in names if n.endswith(".py")]
-        files += [(p.relative_to(root).as_posix(), p) for p in paths]
-    return sorted(files)
+# The default corpus: the Python sources of one pinned SymPy release. Its wheel is pure Python, so the
+# text is the same bytes on every machine (the standard library is not: installs ship different files),
+# requirements.txt pins it (torch needs SymPy too), and its fingerprint is checked every time it is read.
+DEFAULT_CORPUS = {"package": "sympy", "version": "1.14.0", "files": 1532,
+                  "fingerprint": "2943d0b164bf2d14227276e3ff18d753"}
+
+
+def default_corpus_files() -> list[tuple[str, Path]]:
+    """The pinned package's *.py files as sorted (path inside the wheel, path on disk)."""
+    name, version = DEFAULT_CORPUS["package"], DEFAULT_CORPUS["version"]
+    hint = f"pip install {name}=={version} (requirements.txt pins it), or pass --data"
+    try:
+        dist = importlib.metadata.distribution(name)
+    except importlib.metadata.PackageNotFoundError:
+        raise UserError(f"the default corpus is the sources of {name} {version}, which is not installed: {hint}") from None
+    if dist.version != version:
+        raise UserError(f"the default corpus is the sources of {name} {version}, but {name} {dist.version} is "
+                        f"installed: {hint}")
+    return sorted((str(f), Path(f.locate())) for f in dist.files or ()
+                  if str(f).startswith(f"{name}/") and str(f).endswith(".py"))
+
+
+def documents_digest(docs: list[Document]) -> str:
+    """Hash of the documents' names and texts, whatever their split."""
+    h = hashlib.blake2b(digest_size=16)
+    for name, text in sorted(docs):
+        h.update(f"{name}\0".encode())
+        h.update(text.encode())
+        h.update(b"\0")
+    return h.hexdigest()
 
 
 def read_text(path: Path) -> tuple[str | None, str | None]:
@@ -166,7 +175,7 @@ def chunk_text(text: str, chunk_chars: int) -> list[str]:
 
 
 def load_corpus(cfg: DataConfig) -> Corpus:
-    """Read the documents of `cfg.data` (default: the stdlib), skipping unusable files, and split them."""
+    """Read the documents of `cfg.data` (default: the pinned corpus), skipping unusable files, and split them."""
     skipped: dict[str, int] = {}
     docs: list[Document] = []
 
@@ -180,8 +189,14 @@ def load_corpus(cfg: DataConfig) -> Corpus:
                 docs.append((name, text))
 
     if cfg.data is None:
-        source = f"python {sys.version_info.major}.{sys.version_info.minor} stdlib"
-        add_files(stdlib_files())
+        files = default_corpus_files()
+        source = f"{DEFAULT_CORPUS['package']} {DEFAULT_CORPUS['version']} sources"
+        add_files(files)
+        digest = documents_digest(docs)
+        if len(files) != DEFAULT_CORPUS["files"] or digest != DEFAULT_CORPUS["fingerprint"]:
+            raise UserError(f"the installed {source} are not the pinned corpus ({len(files)} files, fingerprint "
+                            f"{digest[:12]}; expected {DEFAULT_CORPUS['files']}, {DEFAULT_CORPUS['fingerprint'][:12]}): "
+                            f"pip install --force-reinstall {DEFAULT_CORPUS['package']}=={DEFAULT_CORPUS['version']}")
     else:
         root = Path(cfg.data)
         source = str(root)

@@ -1,30 +1,18 @@
 """
-export.py: take a (ReMoE-tuned) model to llama.cpp, the runtime the ReMoE paper deploys with.
-
-What it teaches: a GGUF file is a list of key/values (the hyperparameters and the tokenizer) and a
-list of named tensors in ggml's layout; llama.cpp's loader for each architecture asks for exact
-keys and names and refuses anything else, and computes the forward with its own fixed rules. So an
-export is three tables (architecture names, tensor names, hyperparameter keys) plus a list of the
-model.py variants whose math llama.cpp cannot reproduce, refused instead of exported wrong. Two modes:
-  - full export: every tensor of a checkpoint, with its byte-level BPE tokenizer, as float32,
-    float16, bfloat16 or q8_0; routers, norms and biases always stay float32 (as llama.cpp's own
-    converter keeps them);
-  - router patch: ReMoE changes only the routers, so deploying it is copying the GGUF a user
-    already runs (say a quantized DeepSeek-V2-Lite Q4_K_M) byte for byte and overwriting the
-    router tensors (ffn_gate_inp) with the tuned ones. The quantized experts stay untouched.
-
-Follows: the GGUF format (gguf package, maintained in the llama.cpp repository) and llama.cpp's
-loaders as vendored in llama-cpp-python 0.3.36 (src/models/*.cpp, src/llama-context.cpp); checked by
-running that llama.cpp on every architecture (tests/test_export.py), not by reading it alone.
-Leaves out: tokenizers other than byte-level BPE with GPT-2's split (export the base model with
-llama.cpp's convert_hf_to_gguf.py instead, then patch its routers here), k-quants, split GGUFs.
+export.py: take a (ReMoE-tuned) model to llama.cpp, the runtime the ReMoE paper deploys with. A GGUF
+file is key/values (hyperparameters, tokenizer) and named tensors in ggml's layout; llama.cpp's loader
+for each architecture asks for exact names and computes with fixed rules, so an export is three tables
+(architecture, tensor names, keys) plus the variants whose math llama.cpp cannot reproduce, refused.
+Two modes: a full export (every tensor and the byte-level BPE tokenizer, f32/f16/bf16/q8_0; routers,
+norms and biases stay f32), or a router patch: the GGUF a user already runs (say a Q4_K_M) copied byte
+for byte with only the routers (ffn_gate_inp) replaced. Checked by running stock llama.cpp (tests).
 
     python export.py runs/default/remoe --gguf runs/remoe.gguf                    # the default tuned model (CPU)
     python export.py runs/default/remoe --gguf runs/remoe-q8.gguf --dtype q8_0    # 8-bit weights, f32 routers
     python export.py runs/ds2-lite/remoe --patch-gguf DeepSeek-V2-Lite-Q4_K_M.gguf --gguf remoe-Q4_K_M.gguf
 
-Shapes (torch order; ggml's `ne` is the reverse): D hidden, E routed experts, F expert width,
-H heads, r kv_lora_rank, dn / dv / dr nope / value / rope head dims, V vocab.
+Leaves out tokenizers other than byte-level BPE, k-quants, split GGUFs. Shapes (torch order; ggml's ne
+is the reverse): D hidden, E routed experts, F expert width, H heads, r kv_lora_rank, dn/dv/dr head dims, V vocab.
 """
 
 import json

@@ -207,12 +207,15 @@ class StaticKVCache:
     """A KV cache of fixed size `max_len` whose position lives in a tensor: a decode step then has the
     same shapes and reads no Python number that changes from token to token, which is what lets
     torch.compile compile it once (offload_infer.py --compile). The caller moves it with `seek`, outside
-    the compiled step; attention reads all max_len positions and `visible` masks those not written yet."""
+    the compiled step; attention reads all max_len positions and `visible` masks those not written yet.
+    A one-token step always reads the same position and mask tensors, rewritten in place by `seek`, so
+    that on CUDA the step can also be recorded once as a CUDA graph and replayed."""
 
     def __init__(self, max_len, device):
         self.max_len, self.device, self.buffers = max_len, device, {}
         self.length = 0  # positions written once the pass being run is done
         self.pos = self.visible = None
+        self.all_positions = torch.arange(max_len, device=device)
 
     def seek(self, position, T):
         """The next forward pass writes T tokens at positions position .. position+T-1 (for the next token
@@ -220,8 +223,11 @@ class StaticKVCache:
         if position + T > self.max_len:
             raise ValueError(f"StaticKVCache holds {self.max_len} positions, asked for {position + T}")
         self.length = position + T
-        self.pos = torch.arange(position, position + T, device=self.device)  # (T,)
-        self.visible = torch.arange(self.max_len, device=self.device) <= self.pos[:, None]  # (T, max_len)
+        if self.pos is None or self.pos.shape[0] != T:
+            self.pos = torch.empty(T, dtype=torch.long, device=self.device)                  # (T,)
+            self.visible = torch.empty(T, self.max_len, dtype=torch.bool, device=self.device)  # (T, max_len)
+        torch.arange(position, position + T, out=self.pos)
+        torch.le(self.all_positions, self.pos[:, None], out=self.visible)
 
     def positions(self, T, device):
         if self.pos is None or self.pos.shape[0] != T:
@@ -334,6 +340,9 @@ def swiglu(x, gate, up, down):
     return (F.silu(x @ gate.mT) * (x @ up.mT)) @ down.mT
 
 
+PROJS = ("gate_proj", "up_proj", "down_proj")  # an expert's matrices, in swiglu's order
+
+
 class MLP(nn.Module):
     def __init__(self, dim, hidden):
         super().__init__()
@@ -422,13 +431,37 @@ def run_experts(x, indices, weights, experts):
     return y
 
 
+def run_experts_grouped(x, indices, weights, gate, up, down):
+    """The same combine as run_experts, every expert at once: the N*K (token, expert) pairs are sorted
+    by expert into a padded batch (E, C, D), C the busiest expert's count, and one batched SwiGLU runs
+    over it, so a layer reads one number back from the device (C) instead of syncing once per expert.
+    x (N, D), indices and weights (N, K); the experts stacked: gate, up (E, F, D), down (E, D, F)."""
+    (N, K), E = indices.shape, gate.shape[0]
+    expert = indices.reshape(-1)                                    # (N*K,) the expert of each pair
+    order = expert.argsort(stable=True)                             # pairs grouped by expert
+    counts = torch.zeros(E, dtype=torch.long, device=x.device).index_add_(0, expert, torch.ones_like(expert))
+    expert = expert[order]                                          # (N*K,) sorted
+    rank = torch.arange(N * K, device=x.device) - (counts.cumsum(0) - counts)[expert]  # place in its group
+    token = order // K                                              # (N*K,) the token of each sorted pair
+    batch = x.new_zeros(E, int(counts.max()), x.shape[1])           # (E, C, D): the one host sync
+    batch[expert, rank] = x[token]
+    out = swiglu(batch, gate, up, down)[expert, rank]              # (N*K, D)
+    out = out * weights.reshape(-1)[order, None]                    # each pair's combine weight
+    return torch.zeros_like(x).index_add_(0, token, out.to(x.dtype))
+
+
 class Experts(nn.ModuleList):
     """The E routed experts of one MoE layer, all in memory: the resident experts provider.
     A provider answers three questions of the MoE layer: a bonus to add to the router's scores before
     the top-k (none here), "give me these experts", and "what do these experts add to x" (here the
     reference loop, run_experts). offload_infer.py swaps in a provider with the same three methods that
     holds a few experts in a cache and reads the others from disk, so the decoder loop and this layer
-    exist once."""
+    exist once. Several tokens at once (training, a prompt) take the grouped path, run_experts_grouped;
+    `grouped=False` keeps the reference loop, the readable definition the grouped path is tested against."""
+
+    def __init__(self, experts=(), grouped=True):
+        super().__init__(experts)
+        self.grouped = grouped
 
     def bonus(self):
         return None
@@ -442,6 +475,9 @@ class Experts(nn.ModuleList):
 
     def run(self, x, indices, weights):
         """The routed part of the layer's output for x (N, D): sum over k of weights * expert(x)."""
+        if self.grouped and x.shape[0] > 1 and len(self):
+            gate, up, down = (torch.stack([getattr(mlp, p).weight for mlp in self]) for p in PROJS)  # (E, ., .)
+            return run_experts_grouped(x, indices, weights, gate, up, down)
         return run_experts(x, indices, weights, self)
 
 

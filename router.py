@@ -1,33 +1,16 @@
-"""Router losses and routing metrics for ReMoE: teach a router to reuse the experts recent tokens used.
+"""router.py: the losses and metrics of ReMoE, which teaches a router to reuse the experts recent tokens used.
 
-While decoding on a device that keeps only a few experts per layer in memory, every expert that
-the current token selects and the cache does not hold is read from storage. If token t mostly
-selects experts that tokens t-1..t-w already selected, those experts are still cached and the
-read is skipped. ReMoE fine-tunes only the routers, adding a *reuse loss* that moves router
-probability onto that recent set, next to the usual language-modelling loss and a load-balance
-loss that stops the router from collapsing onto a handful of experts.
+A device that keeps a few experts per layer in memory reads every other expert a token selects from
+storage; if token t mostly selects experts that tokens t-1..t-w already selected, the read is skipped.
+ReMoE fine-tunes only the routers with a *reuse loss* that moves router probability onto that recent
+set R_t, beside the language-modelling loss, a load-balance loss that stops the router from collapsing
+onto a few experts (Switch Transformer's over the batch, Fedus et al. 2021 eq. 4; DeepSeek's per
+sequence, DeepSeek-V2 sec. 2.2.3), and the Trust-KL anchor to the original routers. The metrics: reuse
+rate and expert load (cache hit rates are cache.py's). Functions read a model's `Routing` tuples
+(`.indices`, `.scores`) duck-typed, so this file imports nothing of the project; distributed sums come
+in as a `reduce` argument. Leaves out padding and document boundaries inside packed sequences.
 
-This file holds:
-  - the recent-experts set R_t as a mask, and the reuse loss built on it;
-  - the Trust-KL anchor: a penalty on the KL between the tuned and the original router
-    distributions beyond a margin (one of train.py's two anchors);
-  - two load-balance losses: Switch Transformer's (Fedus et al., 2021, eq. 4) over the whole
-    batch, and DeepSeek's sequence-wise one (DeepSeek-V2 sec. 2.2.3 "expert-level balance loss";
-    DeepSeek-V3 sec. 2.1.2 "complementary sequence-wise auxiliary loss");
-  - metrics: reuse rate and per-expert load, gathered by `routing_report` for testbed.py, train.py
-    and bench.py. Cache hit rates are cache.py's (`cache.simulate`), the one cache simulator.
-
-It leaves out padding masks and document boundaries inside packed sequences: every row of a
-batch is one sequence whose history starts at t = 0.
-
-Input: the model returns one `Routing(layer, indices, weights, scores)` per MoE layer; these
-functions read only `.indices` and `.scores` (duck-typed), or take the two tensors directly.
-
-Under data parallelism each process sees a share of the batch. The sequence-wise balance loss
-splits exactly; the switch loss counts tokens over the whole batch, so its callers pass `reduce`
-(a sum over processes) and this file stays free of torch.distributed.
-
-Shape legend: B batch, T tokens, E routed experts, K top-k (experts per token), L MoE layers.
+Shapes: B batch, T tokens, E routed experts, K top-k (experts per token), L MoE layers.
 """
 import torch
 
@@ -95,11 +78,10 @@ def layer_reuse_loss(indices, scores, window=1, eps=1e-6, recent=None):
     each token (cache.cached_before), instead of the last w tokens' experts.
     """
     E = scores.shape[-1]
-    mask, valid = recent_experts_mask(indices, E, window)  # (B, T, E), (B, T)
-    recent = mask if recent is None else recent
+    recent = recent_experts_mask(indices, E, window)[0] if recent is None else recent  # (B, T, E)
     p = normalize_scores(scores)  # (B, T, E)
     mass = (p * recent).sum(dim=-1)  # (B, T): router probability on R_t
-    return -torch.log(mass[valid] + eps).mean()
+    return -torch.log(mass[:, 1:] + eps).mean()  # t = 0 has no history (a slice, not a mask: no host sync)
 
 
 def reuse_loss(routing, window=1, eps=1e-6, recent=None):
@@ -108,6 +90,13 @@ def reuse_loss(routing, window=1, eps=1e-6, recent=None):
     recent = recent or [None] * len(routing)
     losses = [layer_reuse_loss(r.indices, r.scores, window, eps, m) for r, m in zip(routing, recent)]
     return torch.stack(losses).mean()
+
+
+def expert_counts(indices, num_experts):
+    """(E,) how many of the token-slots in `indices` chose each expert. A scatter rather than
+    torch.bincount, which on CUDA reads its input's maximum back to the host (a sync every step)."""
+    flat = indices.reshape(-1)
+    return torch.zeros(num_experts, dtype=torch.long, device=flat.device).index_add_(0, flat, torch.ones_like(flat))
 
 
 def _balance(indices, p, num_experts, reduce=None):
@@ -122,7 +111,7 @@ def _balance(indices, p, num_experts, reduce=None):
     the whole batch's and P the local mean, so the mean over equal shares of each process's loss
     (and of its gradient, which is what DDP averages) is the one-process loss over the whole batch.
     """
-    counts = torch.bincount(indices.reshape(-1), minlength=num_experts)  # (E,)
+    counts = expert_counts(indices, num_experts)  # (E,)
     if reduce is not None:
         counts = reduce(counts)
     f = counts.to(p.dtype) * num_experts / counts.sum()  # (E,); counts.sum() = K * N over the whole batch
@@ -215,7 +204,7 @@ def expert_load(indices, num_experts):
     Returns {"counts": LongTensor [E], "max_over_mean": float, "cv": float}; cv is the
     coefficient of variation std/mean with the population std. Balanced: 1.0 and 0.0.
     """
-    counts = torch.bincount(indices.reshape(-1), minlength=num_experts)  # (E,)
+    counts = expert_counts(indices, num_experts)  # (E,)
     c = counts.double()
     mean = c.mean()
     return {"counts": counts,

@@ -1,6 +1,6 @@
 """Tests for data.py: split, batches, bad input, tokenizer, token cache and CLI.
 
-Everything runs on small corpora in tmp folders; the stdlib is only listed, never tokenized.
+Everything runs on small corpora in tmp folders; the default corpus is read and hashed, never tokenized.
 The `tokenizers` library itself is the oracle for our encoding pipeline.
 """
 import json
@@ -16,8 +16,8 @@ from tokenizers import Tokenizer, models
 
 import data
 from data import (
-    SPLITS, Corpus, DataConfig, TokenData, chunk_text, eval_windows, load_corpus, prepare_data,
-    random_batch, random_batches, require_windows, split_of, stdlib_files, train_tokenizer,
+    DEFAULT_CORPUS, SPLITS, Corpus, DataConfig, TokenData, chunk_text, default_corpus_files, documents_digest,
+    eval_windows, load_corpus, prepare_data, random_batch, random_batches, require_windows, split_of, train_tokenizer,
 )
 from cli import UserError
 from tiny import assert_cli_errors
@@ -47,16 +47,35 @@ def files_under(path: Path) -> set[Path]:
 # Split
 
 
-def test_stdlib_listing_is_sorted_python_files_without_site_packages():
-    names = [name for name, _ in stdlib_files()]
-    assert len(names) > 1000
-    assert names == sorted(names)
-    assert all(n.endswith(".py") and "site-packages" not in n.split("/") for n in names)
+def test_default_corpus_is_the_pinned_release_on_every_machine():
+    """The default corpus is the same text everywhere: the pinned package's .py files, sorted, exactly as many
+    as pinned, and their names and texts hash to the pinned fingerprint (recomputed here file by file)."""
+    files = default_corpus_files()
+    names = [name for name, _ in files]
+    assert names == sorted(names) and len(names) == DEFAULT_CORPUS["files"]
+    assert all(n.startswith(DEFAULT_CORPUS["package"] + "/") and n.endswith(".py") for n in names)
+    texts = [(n, p.read_bytes().decode()) for n, p in files]
+    assert documents_digest([(n, t) for n, t in texts if t.strip()]) == DEFAULT_CORPUS["fingerprint"]
+    corpus = load_corpus(DataConfig())
+    assert corpus.source == f"{DEFAULT_CORPUS['package']} {DEFAULT_CORPUS['version']} sources"
+    assert sum(map(len, (corpus.train, corpus.val, corpus.test))) + corpus.skipped.get("empty", 0) == len(names)
 
 
-def test_stdlib_split_is_deterministic_disjoint_and_near_90_5_5():
+def test_default_corpus_refuses_another_release_or_other_text(monkeypatch):
+    """Another installed version, or files whose text differs from the pinned release, are one clear error
+    naming the pinned release and how to get it, instead of a silently different testbed."""
+    monkeypatch.setitem(DEFAULT_CORPUS, "version", "0.0.1")
+    with pytest.raises(UserError, match="sources of sympy 0.0.1, but sympy .* is installed: pip install sympy==0.0.1"):
+        load_corpus(DataConfig())
+    monkeypatch.undo()
+    monkeypatch.setitem(DEFAULT_CORPUS, "fingerprint", "0" * 32)
+    with pytest.raises(UserError, match="not the pinned corpus .*pip install --force-reinstall sympy=="):
+        load_corpus(DataConfig())
+
+
+def test_default_corpus_split_is_deterministic_disjoint_and_near_90_5_5():
     cfg = DataConfig()
-    names = [name for name, _ in stdlib_files()]
+    names = [name for name, _ in default_corpus_files()]
     first = {n: split_of(n, cfg) for n in names}
     assert first == {n: split_of(n, cfg) for n in names}  # same split twice
     # a dict gives each file exactly one split; check every split is used in about its share
@@ -65,7 +84,7 @@ def test_stdlib_split_is_deterministic_disjoint_and_near_90_5_5():
 
 
 def test_split_does_not_depend_on_python_hash_seed():
-    names = [name for name, _ in stdlib_files()][:200]
+    names = [name for name, _ in default_corpus_files()][:200]
     code = "import sys, data; print([data.split_of(n, data.DataConfig()) for n in sys.argv[1:]])"
     env = {**os.environ, "PYTHONHASHSEED": "12345"}
     out = subprocess.run([sys.executable, "-c", code, *names], cwd=ROOT, env=env,

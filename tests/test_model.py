@@ -23,6 +23,7 @@ import sys
 
 import pytest
 import torch
+import torch.utils._python_dispatch
 
 import checkpoint
 import cli
@@ -164,6 +165,87 @@ def test_routing_shapes_and_weights_follow_scores(vid, tiny, loaded):
             picked_min = scores.gather(-1, r.indices).min(-1).values
             rest = scores.scatter(-1, r.indices, float("-inf")).max(-1).values
             assert (picked_min >= rest).all()
+
+
+# ---------------------------------------------------------------- the grouped MoE dispatch
+
+
+def set_grouped(net, grouped):
+    for moe in net.moes():
+        moe.experts.grouped = grouped
+
+
+@variants
+def test_grouped_dispatch_equals_reference_loop(vid, tiny, loaded):
+    """Several tokens take the grouped path (pairs sorted by expert into one padded batch, one batched SwiGLU);
+    it must compute what the reference loop over experts computes, logits and every parameter's gradient,
+    within float32 rounding: the same products, summed in another order (1e-5 of the largest value)."""
+    net = copy.deepcopy(loaded(vid))
+    for p in net.parameters():
+        p.requires_grad_(True)
+    ids = ids_for(tiny(vid)[0])
+    got = {}
+    for grouped in (False, True):
+        set_grouped(net, grouped)
+        net.zero_grad()
+        logits = net(ids)
+        logits.square().mean().backward()
+        got[grouped] = [logits.detach()] + [torch.zeros_like(p) if p.grad is None else p.grad.clone()  # unchosen experts
+                                             for p in net.parameters()]
+    assert any(p.grad is not None and p.grad.abs().max() > 0 for m in net.moes() for p in m.experts.parameters())
+    for i, (ref, fast) in enumerate(zip(got[False], got[True])):
+        assert_close(fast, ref, 1e-5 * max(ref.abs().max().item(), 1e-3), f"{vid}: tensor {i} (0 = logits)")
+
+
+class HostSyncs(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the operations that make a CUDA device wait for the host to read a result back: a scalar read
+    (.item(), int(t)), and ops whose output size depends on the data (nonzero, bincount, boolean masks)."""
+
+    SYNCING = {"aten::nonzero", "aten::_local_scalar_dense", "aten::bincount", "aten::masked_select",
+               "aten::_unique2", "aten::unique_consecutive", "aten::unique_dim", "aten::repeat_interleave"}
+
+    def __init__(self):
+        super().__init__()
+        self.count = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func._schema.name
+        masked = name in ("aten::index", "aten::index_put_", "aten::index_put") and any(
+            isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in (args[1] or ()) if i is not None)
+        if name in self.SYNCING or masked:
+            self.count[name] = self.count.get(name, 0) + 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_training_step_syncs_at_most_once_per_moe_layer():
+    """A training forward + backward of a default-like base model (lm + balance + reuse losses) reads at most
+    one data-dependent number back per MoE layer with the grouped dispatch; the reference loop, one per
+    expert, is far above that (the check can fail)."""
+    import router
+    from tiny import SMALL_BASE, tiny_config
+
+    torch.manual_seed(0)
+    net = checkpoint.build_model(tiny_config("deepseek_v2", **SMALL_BASE, first_k_dense_replace=0).to_dict()).train()
+    with torch.no_grad():
+        for p in net.parameters():  # routers included (they start uninitialised), so tokens spread over experts
+            p.normal_(0.0, 0.5)
+    E, L = net.config.n_routed_experts, len(net.config.moe_layers)
+    ids = random_ids(160, 2, 33)
+
+    def step():
+        logits, routing = net(ids[:, :-1], return_routing=True)
+        loss = (torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten())
+                + router.balance_loss(routing, E, kind="switch") + router.reuse_loss(routing))
+        loss.backward()
+
+    syncs = {}
+    for grouped in (True, False):
+        set_grouped(net, grouped)
+        with HostSyncs() as counter:
+            step()
+        syncs[grouped] = sum(counter.count.values())
+    assert syncs[True] <= L, syncs
+    assert syncs[False] > 2 * L, syncs
 
 
 # ---------------------------------------------------------------- incremental decoding

@@ -1412,7 +1412,7 @@ def parse_args(argv=None):
     g.add_argument("--base", help=f"base checkpoint folder {default('base')}")
     g.add_argument("--tuned", help=f"ReMoE-tuned checkpoint of the same architecture {default('tuned')}")
     g.add_argument("--data", help="held-out text: file, folder or .jsonl; its test split is used (default: the "
-                                  "Python stdlib, as train.py)")
+                                  "pinned default corpus, as train.py)")
     g.add_argument("--data-dir", help=f"token-id cache; files are keyed by corpus and tokenizer, so any model may "
                                       f"share it {default('data_dir')}")
     g.add_argument("--out", help=f"folder for results.md, results.json, traces.npz and the plots {default('out')}")

@@ -1,13 +1,13 @@
 """data.py: from a text corpus to the token windows a language model trains and evaluates on.
 
-Top to bottom: read a corpus (by default the Python standard library's sources) and split it *by
+Top to bottom: read a corpus (by default the Python sources of one pinned SymPy release) and split it *by
 document* with a stable hash, so no file is in two splits; train a byte-level BPE tokenizer on the
 train split (GPT-2's scheme: every byte is a token to start with, so any string round-trips), or use a
 checkpoint's tokenizer.json; tokenize each split once into ids cached on disk as a numpy memmap (as
 nanoGPT's prepare.py); cut random training batches and fixed, evenly spaced evaluation windows.
 Leaves out corpora larger than memory, masks at document boundaries and deduplication.
 
-    python data.py                                    # the stdlib corpus, on the CPU
+    python data.py                                    # the default corpus, on the CPU
     python data.py --data notes/ --glob "**/*.md" --out runs/notes/data
     python data.py --data corpus.jsonl --vocab-size 4096 --out runs/jsonl/data
 
@@ -40,7 +40,7 @@ ENCODE_BATCH_DOCS = 256  # documents per encode_batch call: big enough to keep a
 
 @dataclass
 class DataConfig:
-    data: str | None = None  # None: the Python standard library; else a text file, folder or .jsonl
+    data: str | None = None  # None: the default corpus (DEFAULT_CORPUS); else a text file, folder or .jsonl
     glob: str = "**/*"  # which files of a --data folder to read
     vocab_size: int = 2048  # BPE vocabulary when we train the tokenizer ourselves (the default base model's)
     val_fraction: float = 0.05
@@ -233,8 +233,7 @@ def load_corpus(cfg: DataConfig) -> Corpus:
 def train_tokenizer(texts: list[str], vocab_size: int) -> Tokenizer:
     """Byte-level BPE: the 256 byte symbols plus merges learned from `texts`, plus EOT.
 
-    On the stdlib train split (28 MB) training takes 4-10 s on 2 busy cores (it is multithreaded),
-    so we train on all of it rather than on a subset.
+    It trains in seconds on the default corpus's whole train split (it is multithreaded), so no subset.
     """
     tok = Tokenizer(models.BPE())
     # Why byte-level: text becomes bytes before merging and back after, so decode(encode(s)) == s
@@ -418,7 +417,7 @@ def main(argv: list[str] | None = None) -> None:
     p = ArgumentParser(description="Read, split and tokenize a corpus; print its statistics.")
     g = p.add_argument_group("corpus")
     g.add_argument("--data", default=DataConfig.data,
-                   help="text file, folder or .jsonl with a 'text' field (default: the Python stdlib)")
+                   help="text file, folder or .jsonl with a 'text' field (default: the pinned default corpus, DEFAULT_CORPUS)")
     g.add_argument("--glob", default=DataConfig.glob,
                    help="which files of a --data folder to read (default: %(default)s)")
     g = p.add_argument_group("tokenizer and cache")

@@ -32,7 +32,7 @@ def digest(obj):
 
 def corpus_identity(data, corpus):
     """What --data names, and a fingerprint of what was read there (so an edited corpus is not resumed)."""
-    where = str(Path(data).resolve()) if data else "the Python stdlib"
+    where = str(Path(data).resolve()) if data else "the default corpus"
     return f"{where} (corpus {corpus.fingerprint[:12]})"
 
 

@@ -310,7 +310,7 @@ def parse_args(argv=None):
     g.add_argument("--fsdp", action="store_true", help="shard the frozen model with FSDP2 (under torchrun)")
     g = p.add_argument_group("data")
     g.add_argument("--data", default=d.data,
-                   help="text file, folder of text files or .jsonl with a 'text' field (default: the Python stdlib)")
+                   help="text file, folder of text files or .jsonl with a 'text' field (default: the pinned default corpus, sympy's sources)")
     g.add_argument("--glob", default=d.glob, help="which files of a --data folder to read (default: %(default)s)")
     g.add_argument("--data-dir", help="token and tokenizer cache (default: OUT/data)")
     g.add_argument("--vocab-size", type=int, default=d.vocab_size,

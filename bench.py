@@ -858,17 +858,24 @@ def shape_checkpoint(name, folder):
     return folder
 
 
-def gemv_bandwidth(dtype, mb=512, repeats=5):
+def gemv_bandwidth(device, dtype, mb=512, repeats=5):
     """Bytes per second a matrix-vector product streams from memory: one token's linear layers at best."""
-    W = torch.randn(mb * 2**20 // (4096 * dtype.itemsize), 4096).to(dtype)  # rows x 4096, far beyond the caches
-    x = torch.randn(1, 4096).to(dtype)
+    W = torch.randn(mb * 2**20 // (4096 * dtype.itemsize), 4096).to(device, dtype)  # rows x 4096, beyond the caches
+    x = torch.randn(1, 4096).to(device, dtype)
     F.linear(x, W)  # warm-up
     best = math.inf
     for _ in range(repeats):
+        synchronize(device)
         t0 = time.perf_counter()
         F.linear(x, W)
+        synchronize(device)
         best = min(best, time.perf_counter() - t0)
     return W.numel() * W.element_size() / best
+
+
+def synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def active_bytes(cfg, dtype):
@@ -893,19 +900,24 @@ def shape_study(s, name, log=print):
     check_settings(s, cfg, caps)
     windows = torch.randint(0, cfg.vocab_size, (s.decode_windows + 1, s.prompt_tokens + s.decode_tokens),
                             generator=torch.Generator().manual_seed(0))
-    bandwidth = gemv_bandwidth(torch.float32)
-    need = active_bytes(cfg, torch.float32)
+    device, device_why = cli.pick_device(s.device)
+    dtype, dtype_why = cli.pick_dtype(device, torch.bfloat16)  # float32 on the CPU, the stored bf16 on CUDA
+    bandwidth = gemv_bandwidth(device, dtype)
+    need = active_bytes(cfg, dtype)
     expert_mb = sum(math.prod(shape) for shape in store.expert_shapes(cfg)) * 2 / 1e6  # bf16 on disk
+    where = f"{torch.get_num_threads()} CPU threads" if device.type == "cpu" else str(device)
     log(f"{name}: {len(cfg.moe_layers)} MoE layers x {E} experts of {expert_mb:.1f} MB (bf16 on disk), top-{K}; "
-        f"computed in float32 on {torch.get_num_threads()} threads; GEMV streams {bandwidth / 2**30:.1f} GiB/s, a token reads {need / 1e6:.0f} MB: bound {need / bandwidth * 1e3:.1f} ms/token")
-    peer = peers(path, windows[0, :s.prompt_tokens].tolist(), s.decode_tokens, s.repeats, torch.device("cpu"),
-                 torch.float32, Path(s.out) / "shapes" / f"{name}-gguf", s.compile)
-    opts = oi.OffloadConfig(dtype="float32")
+        f"computed in {str(dtype).removeprefix('torch.')} on {where} ({device_why}; {dtype_why}); GEMV streams "
+        f"{bandwidth / 2**30:.1f} GiB/s, a token reads {need / 1e6:.0f} MB: bound {need / bandwidth * 1e3:.2f} ms/token")
+    peer = peers(path, windows[0, :s.prompt_tokens].tolist(), s.decode_tokens, s.repeats, device,
+                 dtype, Path(s.out) / "shapes" / f"{name}-gguf", s.compile)
+    opts = oi.OffloadConfig(device=str(device), dtype=str(dtype).removeprefix("torch."))
     bound = physical_bound(path, windows, s.prompt_tokens, caps, opts, log)
     result = {"shape": name, "config": SHAPES[name], "gemv_bandwidth_bytes_per_s": bandwidth,
               "active_bytes_per_token": need, "bandwidth_bound_ms": need / bandwidth * 1e3, "peers": peer,
               "offload": bound, "windows": s.decode_windows, "prompt_tokens": s.prompt_tokens,
-              "decode_tokens": s.decode_tokens, "threads": torch.get_num_threads()}
+              "decode_tokens": s.decode_tokens, "threads": torch.get_num_threads(), "device": str(device),
+              "dtype": str(dtype).removeprefix("torch.")}
     resident = bound["resident_ms_per_token"]
     log(f"resident engine {resident:.1f} ms/token = {resident / result['bandwidth_bound_ms']:.2f}x the bandwidth bound; "
         + ", ".join(f"{n} {1e3 / v:.1f} ms/token" for n, v in peer["tokens_per_s"].items()))

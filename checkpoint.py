@@ -364,7 +364,7 @@ def save_model(model, out_dir, config_dict, files=None):
     config.json and model.safetensors under the checkpoint's tensor names, plus `files`
     {name: text, or a Path to copy}; all in a temporary folder renamed into place at the end."""
     cfg = model.config
-    state = {disk_name(cfg, k): v.detach().contiguous() for k, v in model.state_dict().items()
+    state = {disk_name(cfg, k): v.detach().cpu().contiguous() for k, v in model.state_dict().items()
              if not (cfg.tie_word_embeddings and k == "lm_head.weight")}  # a tied head is the embedding
     with atomic_write(out_dir) as tmp:
         tmp.mkdir()

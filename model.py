@@ -216,6 +216,7 @@ class StaticKVCache:
         self.length = 0  # positions written once the pass being run is done
         self.pos = self.visible = None
         self.all_positions = torch.arange(max_len, device=device)
+        self.per_length = {}  # T -> (positions (T,), mask (T, max_len)): one pair per pass length, kept
 
     def seek(self, position, T):
         """The next forward pass writes T tokens at positions position .. position+T-1 (for the next token
@@ -223,9 +224,10 @@ class StaticKVCache:
         if position + T > self.max_len:
             raise ValueError(f"StaticKVCache holds {self.max_len} positions, asked for {position + T}")
         self.length = position + T
-        if self.pos is None or self.pos.shape[0] != T:
-            self.pos = torch.empty(T, dtype=torch.long, device=self.device)                  # (T,)
-            self.visible = torch.empty(T, self.max_len, dtype=torch.bool, device=self.device)  # (T, max_len)
+        if T not in self.per_length:
+            self.per_length[T] = (torch.empty(T, dtype=torch.long, device=self.device),
+                                  torch.empty(T, self.max_len, dtype=torch.bool, device=self.device))
+        self.pos, self.visible = self.per_length[T]
         torch.arange(position, position + T, out=self.pos)
         torch.le(self.all_positions, self.pos[:, None], out=self.visible)
 

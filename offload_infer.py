@@ -17,6 +17,7 @@ Shapes: T tokens in the step, D hidden, E routed experts, K top-k, F expert widt
 """
 
 import os
+import queue
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -109,53 +110,55 @@ class ExpertSlots:
 # Loader: how experts get from the store into their slots
 
 class ExpertLoader:
-    """Reads experts from the store into slots. On the CPU straight into the slots, several at once in
-    threads; on CUDA into one of two pinned host buffers (so reading the next expert overlaps copying the
-    previous one), then copied on a copy stream once the slot's previous expert has finished computing."""
+    """Reads experts from the store into slots, a token's misses in one layer several at once (in threads).
+    On the CPU each read lands straight in its slot. On CUDA it lands in a pinned host buffer of its own,
+    then is copied into the slot on a copy stream once the slot's previous expert has finished computing,
+    so reads overlap each other and the copies."""
 
-    READ_THREADS = 4  # reads in flight on the CPU: one at a time leaves the disk idle between computations
+    READ_THREADS = 4  # reads in flight: one at a time leaves the disk idle between computations
 
     def __init__(self, store, dtype, device):
         self.store, self.cuda = store, device.type == "cuda"
-        self.pool = None if self.cuda else ThreadPoolExecutor(self.READ_THREADS, thread_name_prefix="expert-read")
-        self.staging, self.staging_done, self.turn = [], [], 0
+        self.pool = ThreadPoolExecutor(self.READ_THREADS, thread_name_prefix="expert-read")
+        self.staging = queue.Queue()  # CUDA: (pinned (gate, up, down), "its copy is done" event), one per read in flight
         if self.cuda:
             self.stream = torch.cuda.Stream(device)
-            for _ in range(2):
-                self.staging.append(tuple(torch.empty(s, dtype=dtype, pin_memory=True) for s in store.shapes))
-                self.staging_done.append(torch.cuda.Event())
+            for _ in range(self.READ_THREADS):
+                self.staging.put((tuple(torch.empty(s, dtype=dtype, pin_memory=True) for s in store.shapes),
+                                  torch.cuda.Event()))
 
     def load_many(self, layer, misses, slots):
         """Read every cache.Access in `misses` (an expert and the slot it was given) of MoE layer `layer`."""
-        if self.cuda:
-            for a in misses:
-                self._copy_in(layer, a.expert, slots, a.slot)
-        elif len(misses) == 1:
-            self.store.read_into(layer, misses[0].expert, slots.views(misses[0].slot))
-        else:
-            for done in [self.pool.submit(self.store.read_into, layer, a.expert, slots.views(a.slot)) for a in misses]:
-                done.result()  # re-raises a failed read here
+        if len(misses) == 1:
+            self.load(layer, misses[0].expert, slots, misses[0].slot)
+            return
+        for done in [self.pool.submit(self.load, layer, a.expert, slots, a.slot) for a in misses]:
+            done.result()  # re-raises a failed read here
 
-    def _copy_in(self, layer, expert, slots, s):
-        """Read into the next staging buffer, then copy into slot s on the copy stream."""
-        i, self.turn = self.turn, (self.turn + 1) % len(self.staging)
-        self.staging_done[i].synchronize()  # the last copy out of this buffer is done
-        self.store.read_into(layer, expert, self.staging[i])
-        with torch.cuda.stream(self.stream):
-            self.stream.wait_event(slots.free[s])
-            for dst, src in zip(slots.views(s), self.staging[i]):
-                dst.copy_(src, non_blocking=True)
-            slots.ready[s].record(self.stream)
-            self.staging_done[i].record(self.stream)
+    def load(self, layer, expert, slots, s):
+        if not self.cuda:
+            self.store.read_into(layer, expert, slots.views(s))
+            return
+        buffers, copied = self.staging.get()
+        try:
+            copied.synchronize()  # the last copy out of this buffer is done
+            self.store.read_into(layer, expert, buffers)
+            with torch.cuda.stream(self.stream):
+                self.stream.wait_event(slots.free[s])
+                for dst, src in zip(slots.views(s), buffers):
+                    dst.copy_(src, non_blocking=True)
+                slots.ready[s].record(self.stream)
+                copied.record(self.stream)
+        finally:
+            self.staging.put((buffers, copied))
 
     def close(self):
-        if self.pool is not None:
-            self.pool.shutdown()
+        self.pool.shutdown()
 
     @property
     def nbytes(self):
-        """Staging buffers (CUDA) and the store's O_DIRECT buffers, one per thread that has read (CPU)."""
-        staging = sum(t.numel() * t.element_size() for buf in self.staging for t in buf)
+        """Pinned staging buffers (CUDA) and the store's O_DIRECT buffers, one per thread that has read."""
+        staging = sum(t.numel() * t.element_size() for buffers, _ in list(self.staging.queue) for t in buffers)
         return staging + sum(len(b) for b in self.store.buffers.values())
 
 
@@ -239,6 +242,30 @@ class OffloadedExperts(nn.Module):
             if e not in self.cache.slot_of:
                 self.loader.load_many(self.layer, [self.cache.access(e, protect, use=False)], self.slots)
                 self.record.steps[-1].prefetched += 1
+
+
+class CUDAGraphStep:
+    """CUDA: a compiled one-token step on one static KV cache, recorded once as a CUDA graph and replayed,
+    so a token costs one launch instead of one per kernel. What the graph reads never moves: the cache's
+    buffers, and the position and mask tensors that StaticKVCache.seek rewrites in place."""
+
+    def __init__(self, step, kv):
+        device = kv.device
+        self.ids = torch.zeros(1, 1, dtype=torch.long, device=device)
+        kv.seek(1, 1)
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):  # warm-up outside the recording (workspaces, lazy initialisation)
+            step(self.ids, kv_cache=kv)
+        torch.cuda.current_stream(device).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.logits = step(self.ids, kv_cache=kv)  # (1, 1, V), rewritten by every replay
+
+    def __call__(self, ids):
+        self.ids.copy_(ids)
+        self.graph.replay()
+        return self.logits.clone()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -337,7 +364,9 @@ class OffloadEngine:
                                            ExpertSlots(opts.cache, self.store.shapes, self.dtype, self.device),
                                            ExpertCache(opts.cache, opts.policy), self.loader, self.record,
                                            opts.cache_bias, self._prefetch_next if opts.prefetch else None)
-        self.compiled = self.compile_decode() if opts.compile else None
+        self.compiled = None
+        if opts.compile:
+            self.compile_decode()
 
     @property
     def providers(self):
@@ -367,32 +396,44 @@ class OffloadEngine:
     def compile_decode(self):
         """--compile: every expert in its slot for good, each layer's expert -> slot table a tensor (so a decode
         token never goes to the host), and the one-token step compiled with static shapes (a model.StaticKVCache)
-        into fused kernels. Each cache size compiles once (tens of seconds; needs a C++ compiler): the smallest
-        (256 positions) here, a larger one on its first step; the prompt's prefill runs uncompiled."""
+        into fused kernels; on CUDA the compiled step is also recorded as a CUDA graph per cache size and
+        replayed, one launch per token. Each cache size compiles once (tens of seconds; on the CPU a C++
+        compiler is needed): the smallest (256 positions) here, a larger one on its first step; the prompt's
+        prefill runs uncompiled."""
         self.preload_all()
         for p in self.providers:
             p.slot_of = torch.tensor([p.cache.slot_of[e] for e in range(self.cfg.n_routed_experts)], device=self.device)
-        # cpp_wrapper: the step calls its many small kernels from C++, without Python's overhead per call
-        compiled = torch.compile(self.model, fullgraph=True, dynamic=False, options={"cpp_wrapper": True})
-        # compile the smallest cache size now, so that no timed token of a short generation pays for it
-        kv, token = self.new_kv_cache(1), torch.zeros(1, 1, dtype=torch.long, device=self.device)
-        with torch.no_grad():
-            kv.seek(0, 1)
-            self.model(token, kv_cache=kv)  # uncompiled, as a prefill: allocates the cache's buffers
-            kv.seek(1, 1)
-            try:
-                compiled(token, kv_cache=kv)
-            except Exception as e:  # no C++ compiler, or something torch.compile cannot trace on this setup
-                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-                raise UserError(f"--compile failed ({first}); decode without --compile") from None
-        return compiled
+        # the rope table of every position, made once: a recorded graph keeps reading the tensors it saw
+        self.model.rope(torch.zeros(1, dtype=torch.long, device=self.device), self.cfg.max_position_embeddings)
+        # cpp_wrapper (CPU): the step calls its many small kernels from C++, without Python's overhead per call
+        options = {} if self.device.type == "cuda" else {"cpp_wrapper": True}
+        self.compiled = torch.compile(self.model, fullgraph=True, dynamic=False, options=options)
+        self.static_caches = {}  # positions -> (model.StaticKVCache, its CUDAGraphStep on CUDA)
+        try:
+            self.new_kv_cache(1)  # compile the smallest size now, so that no timed token pays for it
+        except Exception as e:  # no C++ compiler, or something torch.compile cannot trace on this setup
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise UserError(f"--compile failed ({first}); decode without --compile") from None
+        return self.compiled
 
     def new_kv_cache(self, length):
         """A KV cache for `length` positions: a growing model.KVCache, or with --compile a fixed-size one,
-        rounded up to a power of two so that a few compiled sizes serve every request."""
-        if self.opts.compile:
-            return model.StaticKVCache(max(256, 1 << (length - 1).bit_length()), self.device)
-        return model.KVCache()
+        rounded up to a power of two (so a few compiled sizes serve every request) and kept for reuse."""
+        if not self.opts.compile:
+            return model.KVCache()
+        size = min(max(256, 1 << (length - 1).bit_length()), self.cfg.max_position_embeddings)
+        if size not in self.static_caches:
+            kv, token = model.StaticKVCache(size, self.device), torch.zeros(1, 1, dtype=torch.long, device=self.device)
+            with torch.no_grad():
+                kv.seek(0, 1)
+                self.model(token, kv_cache=kv)  # uncompiled, as a prefill: allocates the cache's buffers
+                kv.seek(1, 1)
+                self.compiled(token, kv_cache=kv)  # compiles this size
+                graph = CUDAGraphStep(self.compiled, kv) if self.device.type == "cuda" else None
+            self.static_caches[size] = kv, graph
+        kv, _ = self.static_caches[size]
+        kv.length = 0  # what it holds is stale: the prefill overwrites it, `visible` hides the rest
+        return kv
 
     def synchronize(self):
         if self.device.type == "cuda":
@@ -411,7 +452,8 @@ class OffloadEngine:
         if isinstance(kv, model.StaticKVCache):
             kv.seek(kv.length, ids.shape[1])  # outside the compiled step: this pass's positions
         if self.compiled is not None and ids.shape[1] == 1:
-            logits = self.compiled(ids, kv_cache=kv)
+            graph = self.static_caches[kv.max_len][1]
+            logits = graph(ids) if graph is not None else self.compiled(ids, kv_cache=kv)
             step.hits, step.misses = [self.cfg.num_experts_per_tok] * len(self.moes), [0] * len(self.moes)
         else:
             logits = self.model(ids, kv_cache=kv)

@@ -39,7 +39,7 @@ from tqdm import tqdm
 import cache
 import router
 from checkpoint import build_model, save_model
-from cli import UserError
+from cli import UserError, pick_device
 from data import eval_windows, prepare_data, random_batch, require_windows
 from resume import TrainingState, corpus_identity, digest
 
@@ -94,6 +94,10 @@ class PretrainConfig:
     eval_windows: int = 64       # fixed test windows of the report
     seed: int = 0
     save_every: int = 50         # steps between resumable states (resume.py)
+    device: str | None = None    # None: cuda if available, else cpu
+
+
+LOG_EVERY = 10  # steps between the progress bar's loss figures
 
 
 def base_config(vocab_size, eot_id, overrides):
@@ -261,7 +265,7 @@ def random_routers(model, seed, layers=None):
     gen, weights = torch.Generator().manual_seed(seed), {}
     for m in chosen_moes(model, layers):
         learned = m.gate.weight.detach()
-        w = torch.randn(learned.shape, generator=gen, dtype=torch.float32)  # (E, D)
+        w = torch.randn(learned.shape, generator=gen, dtype=torch.float32).to(learned.device)  # (E, D), same draw anywhere
         weights[m.layer] = w * (learned.float().norm(dim=1, keepdim=True) / w.norm(dim=1, keepdim=True))
     with router_weights(model, weights):
         yield model
@@ -319,7 +323,8 @@ def pretrain_key(cfg, data_cfg, corpus, config_dict):
     return {"--data": corpus_identity(data_cfg.data, corpus), "--glob": data_cfg.glob,
             "--vocab-size": data_cfg.vocab_size, "--base-overrides": cfg.overrides, "base config": digest(config_dict),
             "--pretrain-steps": cfg.steps, "--pretrain-lr": cfg.lr, "--balance-coef": cfg.balance_coef,
-            "--pretrain-batch-size": cfg.batch_size, "--seq-len": cfg.seq_len, "--seed": cfg.seed}
+            "--pretrain-batch-size": cfg.batch_size, "--seq-len": cfg.seq_len, "--seed": cfg.seed,
+            "--device": str(device_of(cfg)[0].type)}
 
 
 def lr_at(cfg, step):
@@ -331,6 +336,11 @@ def lr_at(cfg, step):
     return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
 
 
+def device_of(cfg):
+    """(device, reason): pretraining computes in float32 wherever it runs (the checkpoint's dtype)."""
+    return pick_device(cfg.device)
+
+
 def pretrain(cfg, data_cfg, corpus, data, state_file, fresh=False):
     """AdamW with warm-up and cosine decay. Returns (model, config dict, pretraining seconds over every
     process that worked on it, of which seconds of earlier processes)."""
@@ -338,7 +348,10 @@ def pretrain(cfg, data_cfg, corpus, data, state_file, fresh=False):
     torch.manual_seed(cfg.seed)
     config_dict = base_config(data.vocab_size, data.eot_id, cfg.overrides)
     model = build_model(config_dict)
-    init_weights(model)
+    init_weights(model)  # on the CPU, so that a seed draws the same weights on any device
+    device, why = device_of(cfg)
+    model.to(device)
+    print(f"pretraining on {device} ({why}), float32")
     E = model.config.n_routed_experts
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.1)
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -351,7 +364,7 @@ def pretrain(cfg, data_cfg, corpus, data, state_file, fresh=False):
     tokens_per_step = cfg.batch_size * cfg.seq_len
     with tqdm(total=cfg.steps, initial=step, desc="pretrain base", unit="step", dynamic_ncols=True) as bar:
         while step < cfg.steps:
-            batch = random_batch(data.train, cfg.batch_size, cfg.seq_len, gen)  # (B, T+1)
+            batch = random_batch(data.train, cfg.batch_size, cfg.seq_len, gen).to(device)  # (B, T+1)
             logits, routing = model(batch[:, :-1], return_routing=True)      # (B, T, V)
             lm = F.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten())
             bal = router.balance_loss(routing, E, kind="switch")
@@ -363,9 +376,10 @@ def pretrain(cfg, data_cfg, corpus, data, state_file, fresh=False):
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
             step += 1
-            rate = (step - bar.initial) * tokens_per_step / (time.perf_counter() - started)
-            bar.set_postfix(loss=f"{lm.item():.3f}", balance=f"{bal.item():.3f}", tok_s=f"{rate:,.0f}")
             bar.update(1)
+            if step % LOG_EVERY == 0 or step == cfg.steps:  # reading the losses waits for the device: not every step
+                rate = (step - bar.initial) * tokens_per_step / (time.perf_counter() - started)
+                bar.set_postfix(loss=f"{lm.item():.3f}", balance=f"{bal.item():.3f}", tok_s=f"{rate:,.0f}")
             if step % cfg.save_every == 0 and step < cfg.steps:
                 state.save(step=step)
     model.eval()

@@ -32,7 +32,7 @@ from data import DataConfig, prepare_data, random_batch, require_windows
 from distributed import (check_processes, full_tensor, process_device, setup_distributed, share, shut_down,
                          sum_over_processes, under_torchrun, wait_for_all)
 from resume import TrainingState, corpus_identity, model_identity, stop_on_interrupt
-from testbed import (DEFAULT_BASE, PretrainConfig, ensure_base, evaluate, print_change, print_summary, print_sweep,
+from testbed import (DEFAULT_BASE, LOG_EVERY, PretrainConfig, ensure_base, evaluate, print_change, print_summary, print_sweep,
                      router_weights, summary)
 
 
@@ -129,7 +129,7 @@ def train_step(cfg, procs, opt, batch, *, lam, beta, base_routers, reduce=None):
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
-    return lm.item(), reuse.item(), balance.item()
+    return lm.detach(), reuse.detach(), balance.detach()  # tensors: reading them waits for the device
 
 
 # ----------------------------------------------------------------------------------------------
@@ -185,8 +185,9 @@ def finetune(cfg, procs, data, state):
                 lm, reuse, bal = train_step(cfg, procs, opt, batch, lam=lam_at(step / max(1, steps)), beta=beta,
                                             base_routers=base_routers, reduce=reduce)
                 step += 1
-                bar.set_postfix(lm=f"{lm:.3f}", reuse=f"{reuse:.3f}", bal=f"{bal:.3f}")
                 bar.update(1)
+                if step % LOG_EVERY == 0 or step == steps:
+                    bar.set_postfix(lm=f"{lm.item():.3f}", reuse=f"{reuse.item():.3f}", bal=f"{bal.item():.3f}")
                 if step % cfg.save_every == 0 and step < steps:
                     state.save(stage=i, step=step, reports=reports)
         model.eval()

@@ -33,7 +33,7 @@ from tiny import assert_cli_errors, finetune_args, load_oracle, random_ids, read
 REPO = Path(__file__).resolve().parent.parent
 MAIN = "ds2-mla-greedy"  # tests/tiny.py's variant with 8 experts, top-3, layer 0 dense then 2 MoE layers
 SEQ_LEN, WINDOWS = 32, 4
-SMALL = ["--seq-len", str(SEQ_LEN), "--windows", str(WINDOWS), "--threads", "1"]
+SMALL = ["--seq-len", str(SEQ_LEN), "--windows", str(WINDOWS), "--threads", "1", "--device", "cpu"]  # CPU references
 
 
 # ----------------------------------------------------------------------------------------------
@@ -443,8 +443,8 @@ def test_same_token_decode(tiny, loaded):
     net = loaded(MAIN)
     windows = random_ids(net.config.vocab_size, 4, 12, seed=11)  # (N, P + C)
     P, cap = 5, 3
-    engines = {"plain": oi.OffloadEngine(path, oi.OffloadConfig(cache=cap)),
-               "biased": oi.OffloadEngine(path, oi.OffloadConfig(cache=cap, cache_bias=0.5))}
+    engines = {"plain": oi.OffloadEngine(path, oi.OffloadConfig(device="cpu", cache=cap)),
+               "biased": oi.OffloadEngine(path, oi.OffloadConfig(device="cpu", cache=cap, cache_bias=0.5))}
     runs = bench.same_token_decode(engines, windows, P, warmup=1)
     for e in engines.values():
         e.close()

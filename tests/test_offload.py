@@ -3,6 +3,9 @@ all-resident model (model.generate, greedy) for every cache size, policy and I/O
 must add up and equal cache.py's simulator replaying the routing it recorded; cache-aware routing
 must reduce to plain routing at bias 0; bad input must end in one `error:` line and exit code 2.
 (The engine's benchmarks, same-token decoding and the physical bound, are tested in test_bench.py.)
+The engine runs on the CPU here, where its references are computed; the CUDA paths (slots on the GPU,
+parallel loads through pinned buffers, the compiled step replayed as a CUDA graph) have tests at the end
+that compare on the GPU, against the resident model on the same GPU.
 """
 import json
 
@@ -58,7 +61,7 @@ def test_tokens_equal_resident_model_for_every_cache_size(policy, io, tiny, load
     prompt = random_ids(net.config.vocab_size, 1, 6, seed=3)
     want = reference_tokens(net, prompt)
     for capacity in range(1, net.config.n_routed_experts + 1):
-        engine = oi.OffloadEngine(path, oi.OffloadConfig(cache=capacity, policy=policy, io=io))
+        engine = oi.OffloadEngine(path, oi.OffloadConfig(device="cpu", cache=capacity, policy=policy, io=io))
         assert engine.store.io == io, engine.store.fallback
         out, report = engine.generate(prompt[0].tolist(), NEW_TOKENS)
         engine.close()
@@ -78,7 +81,7 @@ def test_tokens_equal_resident_model_other_architectures(vid, tiny, loaded):
     prompt = random_ids(cfg.vocab_size, 1, 5, seed=1)
     want = reference_tokens(net, prompt)
     for capacity in sorted({1, cfg.num_experts_per_tok, cfg.n_routed_experts}):
-        engine = oi.OffloadEngine(path, oi.OffloadConfig(cache=capacity))
+        engine = oi.OffloadEngine(path, oi.OffloadConfig(device="cpu", cache=capacity))
         out, _ = engine.generate(prompt[0].tolist(), NEW_TOKENS)
         engine.close()
         assert torch.equal(out, want), f"{vid} cache {capacity}"
@@ -93,7 +96,7 @@ def test_experts_computed_together_equal_the_reference_loop(tiny, loaded, monkey
     _, path = tiny(MAIN)
     net = loaded(MAIN)
     cfg = net.config
-    engine = oi.OffloadEngine(path, oi.OffloadConfig(cache=cfg.n_routed_experts))
+    engine = oi.OffloadEngine(path, oi.OffloadConfig(device="cpu", cache=cfg.n_routed_experts))
     engine.preload_all()
     provider = engine.providers[0]
     moe = net.model.layers[provider.layer].mlp
@@ -109,7 +112,7 @@ def test_experts_computed_together_equal_the_reference_loop(tiny, loaded, monkey
     want, _ = engine.generate(prompt, NEW_TOKENS)
     engine.close()
     monkeypatch.setattr(oi.OffloadedExperts, "TOGETHER_BELOW_BYTES", 0)  # every expert through the loop
-    engine = oi.OffloadEngine(path, oi.OffloadConfig(cache=cfg.n_routed_experts))
+    engine = oi.OffloadEngine(path, oi.OffloadConfig(device="cpu", cache=cfg.n_routed_experts))
     out, _ = engine.generate(prompt, NEW_TOKENS)
     engine.close()
     assert torch.equal(out, want)
@@ -126,13 +129,15 @@ def test_compiled_decode_equals_the_eager_engine(vid, tiny, loaded):
     cfg = net.config
     E = cfg.n_routed_experts
     prompt = random_ids(cfg.vocab_size, 1, 6, seed=3)
-    compiled = oi.OffloadEngine(path, oi.OffloadConfig(cache=E, compile=True))
+    compiled = oi.OffloadEngine(path, oi.OffloadConfig(device="cpu", cache=E, compile=True))
     out, report = compiled.generate(prompt[0].tolist(), NEW_TOKENS)
     assert torch.equal(out, reference_tokens(net, prompt))
     assert report.hit_rate == 1.0 and report.loads_per_token == 0
     decode = compiled.record.steps[1:]
+    again, _ = compiled.generate(prompt[0].tolist(), NEW_TOKENS)  # on the reused static cache, stale contents masked
+    assert torch.equal(again, out)
     assert all(s.routing == [] and s.hits == [cfg.num_experts_per_tok] * len(cfg.moe_layers) for s in decode)
-    eager = oi.OffloadEngine(path, oi.OffloadConfig(cache=E))
+    eager = oi.OffloadEngine(path, oi.OffloadConfig(device="cpu", cache=E))
     eager.preload_all()
     window = random_ids(cfg.vocab_size, 1, 14, seed=5)[0].tolist()
     _, tot, got = compiled.replay(window, 4)
@@ -152,7 +157,7 @@ def test_compile_failure_is_a_user_error(tiny, monkeypatch):
         return step
     monkeypatch.setattr(oi.torch, "compile", broken)
     with pytest.raises(oi.UserError, match=r"^--compile failed \(InductorError: C\+\+ compile error\); decode without"):
-        oi.OffloadEngine(path, oi.OffloadConfig(cache=checkpoint.read_config(path).n_routed_experts, compile=True))
+        oi.OffloadEngine(path, oi.OffloadConfig(device="cpu", cache=checkpoint.read_config(path).n_routed_experts, compile=True))
 
 
 def test_bf16_and_fp8_checkpoints(tmp_path):
@@ -167,7 +172,7 @@ def test_bf16_and_fp8_checkpoints(tmp_path):
         prompt = random_ids(net.config.vocab_size, 1, 5, seed=2)
         want = reference_tokens(net, prompt)
         for capacity, io in ((2, "mmap"), (5, "direct")):
-            engine = oi.OffloadEngine(path, oi.OffloadConfig(cache=capacity, io=io))
+            engine = oi.OffloadEngine(path, oi.OffloadConfig(device="cpu", cache=capacity, io=io))
             assert engine.dtype == torch.float32
             out, _ = engine.generate(prompt[0].tolist(), NEW_TOKENS)
             engine.close()
@@ -180,7 +185,7 @@ def test_prefetch_keeps_tokens(tiny, loaded):
     prompt = random_ids(net.config.vocab_size, 1, 6, seed=4)
     want = reference_tokens(net, prompt)
     for capacity in (1, 3, 5):
-        engine = oi.OffloadEngine(path, oi.OffloadConfig(cache=capacity, prefetch=True))
+        engine = oi.OffloadEngine(path, oi.OffloadConfig(device="cpu", cache=capacity, prefetch=True))
         out, report = engine.generate(prompt[0].tolist(), NEW_TOKENS)
         engine.close()
         assert torch.equal(out, want)
@@ -193,7 +198,7 @@ def test_sampling_matches_model_generate(tiny, loaded):
     net = loaded(MAIN)
     prompt = random_ids(net.config.vocab_size, 1, 4, seed=5)
     want = model.generate(net, prompt, NEW_TOKENS, 0.8, 0.9, torch.Generator().manual_seed(7))
-    engine = oi.OffloadEngine(path, oi.OffloadConfig(cache=3))
+    engine = oi.OffloadEngine(path, oi.OffloadConfig(device="cpu", cache=3))
     out, _ = engine.generate(prompt[0].tolist(), NEW_TOKENS, 0.8, 0.9, torch.Generator().manual_seed(7))
     engine.close()
     assert torch.equal(out, want)
@@ -231,7 +236,7 @@ def test_cache_bias_raises_hit_rate(tiny, loaded):
     for capacity in (3, 4, 6):
         rates = []
         for bias in (0.0, 0.5):
-            engine = oi.OffloadEngine(path, oi.OffloadConfig(cache=capacity, cache_bias=bias))
+            engine = oi.OffloadEngine(path, oi.OffloadConfig(device="cpu", cache=capacity, cache_bias=bias))
             out, report = engine.generate(prompt[0].tolist(), 16)
             engine.close()
             rates.append(report.hit_rate)
@@ -310,3 +315,30 @@ def test_cuda_matches_resident_model(tiny):
         assert torch.equal(out, want), (capacity, prefetch)
         if not prefetch:
             check_counts(engine, prompt.shape[1], 12)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_compiled_decode_replays_a_graph(tiny):
+    """--compile on CUDA: the compiled one-token step recorded as a CUDA graph and replayed gives the greedy
+    tokens of model.generate on the same GPU (float32; TF32 stays off, PyTorch's default), twice in a row on
+    the reused static cache, and the eager engine's replayed logits within 1e-4 (float32 rounding of fused
+    kernels, as on the CPU)."""
+    _, path = tiny(MAIN)
+    net = checkpoint.load_model(path, device="cuda")
+    cfg = net.config
+    prompt = random_ids(cfg.vocab_size, 1, 6, seed=3).cuda()
+    want = reference_tokens(net, prompt, 12)
+    compiled = oi.OffloadEngine(path, oi.OffloadConfig(cache=cfg.n_routed_experts, device="cuda", dtype="float32",
+                                                       compile=True))
+    assert all(graph is not None for _, graph in compiled.static_caches.values())
+    for _ in range(2):
+        out, _ = compiled.generate(prompt[0].tolist(), 12)
+        assert torch.equal(out, want)
+    eager = oi.OffloadEngine(path, oi.OffloadConfig(cache=cfg.n_routed_experts, device="cuda", dtype="float32"))
+    eager.preload_all()
+    window = random_ids(cfg.vocab_size, 1, 14, seed=5)[0].tolist()
+    _, _, got = compiled.replay(window, 4)
+    _, _, ref = eager.replay(window, 4)
+    assert (got - ref).abs().max() < 1e-4
+    for e in (compiled, eager):
+        e.close()

@@ -7,6 +7,7 @@ batch; bad input ends in one `error:` line."""
 
 import ast
 import json
+import math
 import os
 import shutil
 import signal
@@ -386,6 +387,21 @@ def test_under_torchrun_the_default_base_is_built_first(tmp_path, monkeypatch):
             train.prepare_flags(train.parse_args(["--batch-size", "4", "--out", str(tmp_path), *extra]))
         assert f"one process before torchrun: python train.py --base-only --out {tmp_path}" in str(e.value)
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_pretraining_and_remoe_run_on_cuda(corpus, tmp_path):
+    """Everything where the tensors are: the base model pretrained, certified and tuned on the GPU (the random
+    routers of the certificate included), with finite figures and a tuned checkpoint in which only routers
+    differ."""
+    argv = [a for a in SMALL_RUN if a not in ("--device", "cpu")] + ["--device", "cuda"]
+    train.main(["--data", str(corpus), "--out", str(tmp_path), "--stage-steps", "2,1,1", *argv])
+    base = json.loads((tmp_path / "base" / "results.json").read_text())["test"]
+    tuned = json.loads((tmp_path / "remoe" / "results.json").read_text())
+    assert math.isfinite(base["perplexity"]) and math.isfinite(base["ablations"]["random_router"])
+    assert all(math.isfinite(v) for v in tuned["summary"].values() if isinstance(v, float))
+    base_t, tuned_t = read_tensors(tmp_path / "base"), read_tensors(tmp_path / "remoe")
+    assert {k for k in base_t if not torch.equal(base_t[k], tuned_t[k])} <= {k for k in base_t if k.endswith("mlp.gate.weight")}
 
 
 def test_sweep_prints_one_row_per_lambda(base_run, corpus, tmp_path, capsys):

@@ -107,8 +107,10 @@ SMALL_BASE = dict(hidden_size=32, num_hidden_layers=3, intermediate_size=48, num
                   num_key_value_heads=2, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8,
                   n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=16)
 # `python train.py --base-only` (and train.py when it builds the base) with these flags pretrains SMALL_BASE in seconds
+# on the CPU on every machine: the tests compare runs with each other and with CPU references (a CUDA
+# run is a test of its own in test_train.py)
 SMALL_RUN = ["--vocab-size", "320", "--batch-size", "4", "--pretrain-batch-size", "4", "--seq-len", "32", "--eval-windows", "4",
-             "--pretrain-steps", "4", "--base-overrides", json.dumps(SMALL_BASE), "--seed", "0"]
+             "--pretrain-steps", "4", "--base-overrides", json.dumps(SMALL_BASE), "--seed", "0", "--device", "cpu"]
 
 
 def finetune_args(corpus, out, *extra):
@@ -116,7 +118,7 @@ def finetune_args(corpus, out, *extra):
     saving its state after every step."""
     return ["--model", str(out / "base"), "--data", str(corpus), "--out", str(out),
             "--stage-steps", "3,1,2", "--save-every", "1", "--batch-size", "4", "--seq-len", "32",
-            "--eval-windows", "4", "--seed", "0", *extra]
+            "--eval-windows", "4", "--seed", "0", "--device", "cpu", *extra]
 
 # ---------------------------------------------------------------- building checkpoints
 

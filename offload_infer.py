@@ -31,8 +31,9 @@ import torch.nn as nn
 import checkpoint
 import cli
 import model
-from cache import Counts, ExpertCache, needed_experts, step_protect
+from cache import ExpertCache, needed_experts, step_protect
 from cli import UserError
+from record import DecodeReport, Record, Step, rss_bytes
 from store import ExpertStore
 
 
@@ -270,72 +271,6 @@ class CUDAGraphStep:
 
 # ----------------------------------------------------------------------------------------------
 # The engine: model.py's model with an OffloadedExperts provider in every MoE layer, and its record
-
-@dataclass
-class Step:
-    """One forward pass: a prefill (tokens > 1) or one decode token."""
-    tokens: int
-    routing: list = field(default_factory=list)  # per MoE layer: [[K ids] per token] (cache.simulate's format)
-    hits: list = field(default_factory=list)     # per MoE layer: requested experts found in the cache
-    misses: list = field(default_factory=list)   # per MoE layer: experts read from disk for the request
-    bytes_read: int = 0                          # from the files, prefetches included
-    prefetched: int = 0                          # experts --prefetch loaded ahead (not requests)
-
-
-@dataclass
-class Totals(Counts):
-    """The counts of some steps (hit rate and misses per token: cache.Counts), and what the files gave."""
-    steps: int
-    bytes_read: int
-    prefetched: int
-
-    @property
-    def mb_per_token(self):
-        return self.bytes_read / 1e6 / self.tokens if self.tokens else float("nan")
-
-
-class Record:
-    """Every step's counts, in order. Callers read them through `totals` and `trace`."""
-
-    def __init__(self):
-        self.steps = []
-
-    def totals(self, start=0, stop=None):
-        steps = self.steps[start:stop]
-        return Totals(hits=sum(sum(s.hits) for s in steps), misses=sum(sum(s.misses) for s in steps),
-                      tokens=sum(s.tokens for s in steps), steps=len(steps),
-                      bytes_read=sum(s.bytes_read for s in steps), prefetched=sum(s.prefetched for s in steps))
-
-    def trace(self, start=0, stop=None):
-        """The routing of these steps as one sequence in cache.simulate's format: trace[s][l] = [[K ids] per token]."""
-        return [s.routing for s in self.steps[start:stop]]
-
-
-def rss_bytes():
-    """This process's resident set size now (Linux), or None."""
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        return None
-
-
-@dataclass
-class DecodeReport:
-    prompt_ids: list
-    generated_ids: list
-    ttft_s: float               # prefill + first token
-    time_per_token_s: float     # per decode step after the first token
-    tokens_per_s: float         # decode steps per second
-    hit_rate: float             # over decode steps
-    loads_per_token: float      # experts read per decode step, all MoE layers together
-    mb_read_per_token: float
-    prefill_loads: int
-    prefill_mb: float
-    prefetch_loads: int
-    expert_memory_mb: float     # slots + staging buffers: allocated once, so also the peak
-    peak_rss_mb: float | None   # before the first and after the last step (allocated up front; the KV cache grows)
-
 
 class OffloadEngine:
     def __init__(self, path, opts=None):

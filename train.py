@@ -6,8 +6,7 @@ Three stages: (1) reuse-aware; (2) balance, beta x 4 while reuse is still reward
 on held-out text with lambda annealed to 0. The tuned model is the base checkpoint with only its
 router tensors replaced: same architecture, same cost, loads wherever the base loads.
 Leaves out: training anything but the routers, DeepSeek-V3's bias-update balancing rule, pipeline and
-tensor parallelism. Resuming lives in resume.py, data parallel (DDP, FSDP2) in distributed.py; with no
---model it tunes the default base model (testbed.py), built first when it is missing.
+tensor parallelism. Resuming lives in resume.py, data parallel (DDP, FSDP2) in distributed.py.
 
     python train.py                                     # the default base model (built first if missing), CPU
     python train.py --model DIR --data PATH             # your own checkpoint and text

@@ -102,7 +102,7 @@ def test_experts_computed_together_equal_the_reference_loop(tiny, loaded, monkey
     moe = net.model.layers[provider.layer].mlp
     x = torch.randn(1, cfg.hidden_size, generator=torch.Generator().manual_seed(0))
     indices, weights, _ = moe.gate(x)
-    engine.record.steps.append(oi.Step(tokens=1))  # the record the provider writes its counts into
+    engine.record.steps.append(record.Step(tokens=1))  # the record the provider writes its counts into
     together = provider.run(x, indices, weights)
     loop = model.run_experts(x, indices, weights, provider)
     resident = model.run_experts(x, indices, weights, moe.experts)

@@ -16,12 +16,11 @@ sequences, quantized compute, multi-GPU. The benchmarks of this engine are in be
 Shapes: T tokens in the step, D hidden, E routed experts, K top-k, F expert width, C slots per layer.
 """
 
-import os
 import queue
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
 

@@ -7,7 +7,6 @@ engine, decoded tokens by model.generate. Bad input must end in one `error:` lin
 """
 import contextlib
 import copy
-import importlib.util
 import io
 import json
 import math

@@ -16,6 +16,7 @@ import cache
 import checkpoint
 import model
 import offload_infer as oi
+import record
 from tiny import (assert_cli_errors, make_checkpoint, random_ids, read_config, read_tensors, write_checkpoint,
                   write_fp8_checkpoint)
 

@@ -1400,6 +1400,34 @@ def write_outputs(results, traces, out_dir):
     return md
 
 
+RESULTS = Path(__file__).parent / "RESULTS.md"  # the repository's results, with its plots in results/
+
+
+def is_default_run(s):
+    """Only `python bench.py` as it is (default models and settings; device, threads and --out free)
+    rewrites RESULTS.md, so that the repository's figures always come from one reproducible command."""
+    free = dict(device=s.device, threads=s.threads, out=s.out)
+    return replace(s, **free) == replace(Settings(), **free)
+
+
+def write_results_md(results, md, path=RESULTS):
+    """RESULTS.md: the report of a default run and its plots (copied beside it), with how it was made."""
+    folder = path.parent / "results"
+    folder.mkdir(exist_ok=True)
+    images = []
+    for plot in map(Path, results["files"]["plots"]):
+        with cli.atomic_write(folder / plot.name) as tmp:
+            tmp.write_bytes(plot.read_bytes())
+        images.append(f"![{plot.stem}](results/{plot.name})")
+    commit = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=path.parent, capture_output=True,
+                            text=True).stdout.strip() or "unknown"
+    head = (f"<!-- written by `python bench.py` at commit {commit} on {time.strftime('%Y-%m-%d')}: rerun it, do not "
+            f"edit. Every figure below is in {Path(results['files']['traces']).parent}/results.json of that run. -->")
+    with cli.atomic_write(path) as tmp:
+        tmp.write_text("\n".join([head, "", md, "", "## Plots", "", *images]) + "\n")
+    return path
+
+
 # ----------------------------------------------------------------------------------------------
 # Command line
 
@@ -1505,9 +1533,10 @@ def main(argv=None):
             return results
         results, traces = run(s, log=log)
         md = write_outputs(results, traces, s.out)
+        also = f" and {write_results_md(results, md)}" if is_default_run(s) else ""
     print(md)
-    print(f"\nwrote {Path(s.out) / 'results.md'}, results.json, traces.npz and {len(results['files']['plots'])} plots",
-          file=sys.stderr)
+    print(f"\nwrote {Path(s.out) / 'results.md'}, results.json, traces.npz and {len(results['files']['plots'])} plots"
+          f"{also}", file=sys.stderr)
     return results
 
 

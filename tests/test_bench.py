@@ -123,6 +123,20 @@ def test_quick_run_writes_every_output(run):
     assert r["settings"]["quick"] and r["data"]["windows"] == WINDOWS and r["data"]["seq_len"] == SEQ_LEN
 
 
+def test_only_the_default_run_rewrites_results_md(run, tmp_path):
+    """RESULTS.md comes from `python bench.py` as it is: --out, --threads and --device may differ, nothing else.
+    The quick run above wrote none; written here from its results, it holds the report and the plots it links."""
+    assert bench.is_default_run(bench.parse_args([])) and bench.is_default_run(bench.parse_args(["--out", "x", "--threads", "1"]))
+    for flags in (["--quick"], ["--windows", "8"], ["--base", "elsewhere"], ["--no-peers"]):
+        assert not bench.is_default_run(bench.parse_args(flags)), flags
+    md = (run["out"] / "results.md").read_text().strip()
+    text = bench.write_results_md(run["results"], md, tmp_path / "RESULTS.md").read_text()
+    assert md in text and text.startswith("<!-- written by `python bench.py`")
+    for plot in run["results"]["files"]["plots"]:
+        name = Path(plot).name
+        assert f"(results/{name})" in text and (tmp_path / "results" / name).read_bytes() == Path(plot).read_bytes()
+
+
 def test_perplexity_and_top1_from_logits(run, truth):
     q = run["results"]["quality"]
     targets = truth["windows"][:, 1:]

@@ -414,7 +414,7 @@ class Gate(nn.Module):
         """x (N, D) -> indices (N, K), weights (N, K), scores (N, E). Cache-aware routing (offload_infer.py)
         steers the choice, never the weights (the scores of the chosen experts), in one of two ways.
         `bonus` (E,) is added to the scores used for the choice (like V3's bias, and before group limiting,
-        so a favoured expert's group is favoured too). With `cached` (E,) bool and `keep` J, the choice is
+        so a favoured expert's group is favoured too). With `cached` (E,) or (N, E) bool and `keep` J, the choice is
         guaranteed_topk's: the true top-J always, the other K - J slots preferring cached experts within
         `margin` of the K-th best score."""
         cfg = self.cfg

@@ -385,8 +385,8 @@ def guaranteed_topk(choice, k, cached, keep, margin):
 def routing_drift(scores, true, used, eps=1e-6):
     """How far cache-aware routing moved each token from its own routing: (agreement, kl), each (N,).
     agreement: the fraction of the used experts `used` (N, K) that are in the true top-k `true` (N, K).
-    kl: KL(p_true || p_used) over the union U of the two sets, p a set's scores normalised to sum 1 (the
-    combine weights' own normalisation) and smoothed to (p + eps) / (1 + eps |U|) so that a swap costs a finite amount."""
+    kl: KL(p_true || p_used) over the union U of the two sets, p a set's scores (N, E) normalised to sum 1
+    (the combine weights' own rule), smoothed to (p + eps) / (1 + eps |U|) so that a swap costs a finite amount."""
     def member(idx):  # (N, E) bool
         return torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, idx, True)
 
@@ -414,9 +414,9 @@ class Gate(nn.Module):
         """x (N, D) -> indices (N, K), weights (N, K), scores (N, E). Cache-aware routing (offload_infer.py)
         steers the choice, never the weights (the scores of the chosen experts), in one of two ways.
         `bonus` (E,) is added to the scores used for the choice (like V3's bias, and before group limiting,
-        so a favoured expert's group is favoured too). With `cached` (E,) or (N, E) bool and `keep` J, the choice is
-        guaranteed_topk's: the true top-J always, the other K - J slots preferring cached experts within
-        `margin` of the K-th best score."""
+        so a favoured expert's group is favoured too). With `cached` (E,) or (N, E) bool and `keep` J, the
+        choice is guaranteed_topk's: the true top-J always, the other K - J slots preferring cached experts
+        within `margin` of the K-th best score."""
         cfg = self.cfg
         if cfg.router_logits_fp32 and x.dtype != torch.float32:
             logits = F.linear(x.float(), self.weight.float())

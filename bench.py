@@ -69,9 +69,13 @@ class Settings:
     # (`python train.py --sweep ...` writes it to SWEEP/ANCHOR-lambdaX/remoe), training-free cache-aware routing
     # (a bonus on cached experts' router scores, i.e. probabilities under softmax, measured sequentially), both
     # combined, and the lambda = 0 control with and without it. Biases from 0.005, which tips only the close
-    # calls between the K-th and the next expert, to 0.1, more than a top choice's whole score among 32 experts
+    # calls between the K-th and the next expert, to 0.1, more than a top choice's whole score among 32 experts.
+    # The guaranteed mode keeps each token's true top-J (`pareto_keep`) and lets the other K - J go to cached
+    # experts within a margin of the K-th best score (model.guaranteed_topk), one point per margin
     sweep: str = str(cli.DEFAULT_RUN / "sweep")
     cache_bias: tuple = (0.005, 0.01, 0.02, 0.05, 0.1)
+    pareto_keep: int = 2
+    pareto_margins: tuple = (0.005, 0.01, 0.02, 0.05)
     pareto_windows: int = 16
     # decode: offloaded decoding of the same held-out windows by every contender (teacher forcing)
     decode_capacities: list | None = None
@@ -96,7 +100,8 @@ class Settings:
 
 
 # --quick also pins one CPU thread: with two, a small model's OpenMP threads spin-wait on each other on a shared machine
-QUICK = dict(windows=8, capacity_multiples=(1, 2, 4), pareto_windows=2, cache_bias=(0.05,), llama_multiples=(2,),
+QUICK = dict(windows=8, capacity_multiples=(1, 2, 4), pareto_windows=2, cache_bias=(0.05,), pareto_keep=1,
+             pareto_margins=(0.05,), llama_multiples=(2,),
              llama_tokens=48, llama_repeats=1,
              decode_multiples=(2,), decode_windows=3, decode_tokens=16, repeats=2, threads=1)
 
@@ -144,8 +149,12 @@ def check_settings(s, cfg, caps):
         raise UserError("--windows, --batch-size, --repeats and --decode-windows must be >= 1")
     if not 1 <= s.pareto_windows <= s.windows:
         raise UserError(f"--pareto-windows must be between 1 and --windows ({s.windows}), got {s.pareto_windows}")
-    if any(not b > 0 for b in s.cache_bias):
-        raise UserError(f"--cache-bias values must be > 0 (0 is plain routing), got {list(s.cache_bias)}")
+    if any(not b > 0 for b in s.cache_bias) or any(not m > 0 for m in s.pareto_margins):
+        raise UserError(f"--cache-bias and --pareto-margins values must be > 0 (0 is plain routing), got "
+                        f"{list(s.cache_bias)} and {list(s.pareto_margins)}")
+    if not 0 <= s.pareto_keep < cfg.num_experts_per_tok:
+        raise UserError(f"--pareto-keep must be between 0 and top-k - 1 ({cfg.num_experts_per_tok - 1}; top-k is "
+                        f"plain routing), got {s.pareto_keep}")
     if s.decode_tokens < 2 or s.prompt_tokens < 1:
         raise UserError(f"--decode-tokens must be >= 2 and --prompt-tokens >= 1, got {s.decode_tokens} and "
                         f"{s.prompt_tokens}")
@@ -279,16 +288,22 @@ PARETO_METHOD = ("one point per model and routing rule on the same first windows
                  "pass, its routing replayed by cache.simulate. Cache-aware routing adds `bias` to the router scores "
                  "of the experts the layer's cache holds before the top-k (model.Gate's bonus; the combine weights "
                  "stay the unbiased scores), measured by teacher-forced decoding one token per step through "
-                 "OffloadEngine. The lambda = 0 control is the same ReMoE pipeline without the reuse loss: router "
+                 "OffloadEngine; the guaranteed mode (offload_infer.py --cache-keep J --cache-margin M) keeps each "
+                 "token's true top-J and fills the other K - J slots with the best cached experts scoring at least the "
+                 "K-th best score minus M, else the best remaining ones. Agreement: the fraction of chosen (token, "
+                 "expert) pairs in the router's own top-k on the same hidden state; KL: KL(true || used routing "
+                 "weights) per token and MoE layer (model.routing_drift), 1 and 0 for plain routing. The lambda = 0 "
+                 "control is the same ReMoE pipeline without the reuse loss: router "
                  "fine-tuning alone changes perplexity, so equal perplexity is judged against it")
 BUDGETS = (0.0, 0.005, 0.01, 0.02, 0.05)  # perplexity allowed above the base model's, for the verdict
 
 
 @torch.no_grad()
-def cache_aware(path, windows, capacity, bias, device, dtype):
-    """One cache-aware point of a model on `windows` (N, T+1): hit rate, loads per token, perplexity;
-    its top-1 predictions (N, T) and its routing (N, T, L, K)."""
-    opts = oi.OffloadConfig(cache=capacity, policy="lru", cache_bias=bias, device=str(device), dtype=dtype)
+def cache_aware(path, windows, capacity, bias, device, dtype, keep=None, margin=0.0):
+    """One cache-aware point of a model on `windows` (N, T+1), with a bias or the guaranteed mode (keep, margin):
+    hit rate, loads per token, perplexity, agreement and KL; its top-1 predictions (N, T), routing (N, T, L, K)."""
+    opts = oi.OffloadConfig(cache=capacity, policy="lru", cache_bias=bias, cache_keep=keep, cache_margin=margin,
+                            device=str(device), dtype=dtype)
     engine = oi.OffloadEngine(path, opts)
     nll, top1 = [], []  # summed next-token loss per window, top-1 per token
     try:
@@ -306,15 +321,16 @@ def cache_aware(path, windows, capacity, bias, device, dtype):
     N, T = windows.shape[0], windows.shape[1] - 1
     # each step's routing holds, per MoE layer, the one token's K ids
     trace = torch.tensor([[layer[0] for layer in step] for step in engine.record.trace()])  # (N*T, L, K)
-    point = {"bias": bias, "hit_rate": tot.hit_rate, "loads_per_token": tot.misses_per_token,
-             "perplexity": perplexity(sum(nll), N * T), "window_nll": nll}
+    point = {"bias": bias, **({"keep": keep, "margin": margin} if keep is not None else {}), "hit_rate": tot.hit_rate,
+             "loads_per_token": tot.misses_per_token, "perplexity": perplexity(sum(nll), N * T), "window_nll": nll,
+             "agreement": tot.agreement, "kl": tot.kl}
     return point, torch.tensor(top1).view(N, T), trace.view(N, T, *trace.shape[1:])
 
 
 def plain_point(p, capacity, base_top1):
     """The same figures for a model's plain routing, from its batched pass p (TeacherForced) and LRU replay."""
     r = cache.simulate(cache.token_traces(p.indices), "lru", capacity)
-    return {"bias": 0.0, "hit_rate": r.hit_rate, "loads_per_token": r.misses_per_token,
+    return {"bias": 0.0, "hit_rate": r.hit_rate, "loads_per_token": r.misses_per_token, "agreement": 1.0, "kl": 0.0,
             "perplexity": perplexity(p.nll.sum().item(), p.top1.numel()), "window_nll": p.nll.tolist(),
             "top1_agreement_with_base": (p.top1 == base_top1).double().mean().item()}
 
@@ -1009,7 +1025,8 @@ def run(s, log=print):
     control = next((m for m in sweep if m["lambda"] == 0 and m["anchor"] == anchor_of(s.tuned)
                     and m["reuse_set"] == "window"), None)
     progress = Progress(2 + 2 * len(cache.POLICIES) * len(caps) + len(sweep)
-                        + len(s.cache_bias) * (2 + (control is not None)) + len(dec_caps) + 1 + s.llama + s.peers)
+                        + (len(s.cache_bias) + len(s.pareto_margins)) * (2 + (control is not None)) + len(dec_caps)
+                        + 1 + s.llama + s.peers)
 
     progress.section("quality")
     passes, certificate = {}, {}
@@ -1049,11 +1066,15 @@ def run(s, log=print):
             trained_for = ", trained for the LRU cache" if m["reuse_set"] == "cache" else ""
             families.setdefault(f"ReMoE lambda sweep ({m['anchor']}{trained_for})", []).append(point)
         progress.tick()
-    for bias in s.cache_bias:
+    guaranteed = f"guaranteed J={s.pareto_keep}"  # its families start, as the others, at plain routing
+    families.update({f.replace("cache-aware", guaranteed): [dict(families[f][0])] for f in runs})
+    rules = [(b, None, 0.0) for b in s.cache_bias] + [(0.0, s.pareto_keep, m) for m in s.pareto_margins]
+    for bias, keep, margin in rules:  # (bias, J, margin) of each cache-aware point
         for family, (name, path) in runs.items():
-            point, top1, trace = cache_aware(path, windows[:n], capacity, bias, device, dtype_name)
+            point, top1, trace = cache_aware(path, windows[:n], capacity, bias, device, dtype_name, keep, margin)
             key = f"pareto_{len(traces)}"
             traces[key] = trace.permute(2, 0, 1, 3)  # (N, T, L, K) -> (L, N, T, K), as the routing traces
+            family = family if keep is None else family.replace("cache-aware", guaranteed)
             families[family].append({"model": name, **point, "trace": key,
                                      "top1_agreement_with_base": (top1 == first["base"].top1).double().mean().item()})
             progress.tick()
@@ -1063,7 +1084,8 @@ def run(s, log=print):
             p["perplexity_change_ci95"] = change_interval(p, base_point, T)
     base_ppl = base_point["perplexity"]
     results["pareto"] = {"method": PARETO_METHOD, "capacity": capacity, "windows": n, "tokens": n * T,
-                         "biases": list(s.cache_bias), "sweep": s.sweep, "families": families,
+                         "biases": list(s.cache_bias), "keep": s.pareto_keep, "margins": list(s.pareto_margins),
+                         "sweep": s.sweep, "families": families,
                          "fronts": {name: pareto_front(pts) for name, pts in families.items()},
                          "verdict": verdict(families, base_ppl), "base_perplexity": base_ppl}
 
@@ -1194,13 +1216,14 @@ def md_pareto(r):
     for family, pts in pa["families"].items():
         for p in sorted(pts, key=lambda p: p["hit_rate"]):
             label = (f"lambda {p['lambda']:g}" if "lambda" in p and p["bias"] == 0 else "") + \
-                    (f"bias {p['bias']:g}" if p["bias"] else ("" if "lambda" in p else "plain routing"))
+                    (f"bias {p['bias']:g}" if p["bias"] else f"margin {p['margin']:g}" if "margin" in p else
+                     ("" if "lambda" in p else "plain routing"))
             rows.append([family, label, f"{p['hit_rate']:.3f}", f"{p['loads_per_token']:.2f}", f"{p['perplexity']:.3f}",
                          f"{p['perplexity'] / pa['base_perplexity'] - 1:+.2%} [{p['perplexity_change_ci95'][0]:+.1%}, "
                          f"{p['perplexity_change_ci95'][1]:+.1%}]", f"{p['top1_agreement_with_base']:.3f}",
-                         "yes" if p in pa["fronts"][family] else ""])
+                         f"{p['agreement']:.3f}", f"{p['kl']:.4f}", "yes" if p in pa["fronts"][family] else ""])
     out += table(["approach", "point", "hit rate", "loads / token", "perplexity", "vs base (95% CI, paired over windows)",
-                  "top-1 = base", "on its front"], rows) + [""]
+                  "top-1 = base", "agreement with top-k", "KL", "on its front"], rows) + [""]
     for v in pa["verdict"]:
         reached = {n: h for n, h in v["best_hit_rate"].items() if h is not None}
         ranking = ", ".join(f"{n} {h:.3f}" for n, h in sorted(reached.items(), key=lambda kv: -kv[1]))
@@ -1328,7 +1351,8 @@ def plot_pareto(r, fig):
         front = pa["fronts"][family]
         ax.plot([p["hit_rate"] for p in front], [p["perplexity"] for p in front], "-", color=color, label=family)
         for p in pts:
-            text = f"b{p['bias']:g}" if p["bias"] else (f"λ{p['lambda']:g}" if "lambda" in p else "plain")
+            text = f"b{p['bias']:g}" if p["bias"] else f"m{p['margin']:g}" if "margin" in p else (
+                f"λ{p['lambda']:g}" if "lambda" in p else "plain")
             ax.annotate(text, (p["hit_rate"], p["perplexity"]), xytext=(3, 3), textcoords="offset points",
                         fontsize=6, color=color)
     ax.axhline(pa["base_perplexity"], color="grey", lw=0.8, ls=":")
@@ -1468,6 +1492,11 @@ def parse_args(argv=None):
     g.add_argument("--cache-bias", type=float, nargs="+",
                    help=f"cache-aware routing: bonus on cached experts' router scores, each value measured "
                         f"{default('cache_bias')}")
+    g.add_argument("--pareto-keep", type=int, help=f"guaranteed cache-aware routing: each token's true top-J kept "
+                                                   f"{default('pareto_keep')}")
+    g.add_argument("--pareto-margins", type=float, nargs="+", help=f"guaranteed cache-aware routing: margins below "
+                                                                   f"the K-th best router score, each value measured "
+                                                                   f"{default('pareto_margins')}")
     g.add_argument("--pareto-windows", type=int, help=f"first test windows of the front, decoded token by token for "
                                                       f"cache-aware routing {default('pareto_windows')}")
     g = p.add_argument_group("decode")

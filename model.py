@@ -367,6 +367,38 @@ class Routing(NamedTuple):
     scores: torch.Tensor   # (B, T, E) router scores: softmax probabilities, or sigmoid scores (V3)
 
 
+def guaranteed_topk(choice, k, cached, keep, margin):
+    """Cache-aware top-k with a guarantee (colibri's CACHE_ROUTE): the true top-`keep` experts are always
+    chosen, and each of the other k - keep slots goes to the best cached expert scoring at least s_k - margin
+    (s_k the true k-th best score), else to the best expert left. choice (N, E), cached (E,) or (N, E) bool ->
+    (N, k), best first. keep = k, or margin 0 (no cached expert outside the top-k qualifies), is plain top-k."""
+    top = choice.topk(k, dim=-1).indices                                   # (N, k) the true top-k
+    kept = torch.zeros_like(choice, dtype=torch.bool).scatter_(-1, top[:, :keep], True)  # (N, E) the true top-J
+    close = cached & ~kept & (choice >= choice.gather(-1, top[:, -1:]) - margin)  # (N, E) cached, within the margin
+    # rank by (tier, score): the kept first, then the close cached ones, then the rest; the first k are chosen
+    tier = 2 * kept.long() + close.long()                                  # (N, E)
+    by_score = choice.argsort(dim=-1, descending=True, stable=True)        # (N, E) expert ids, best first
+    places = tier.gather(-1, by_score).argsort(dim=-1, descending=True, stable=True)[:, :k]  # (N, k) in by_score
+    return by_score.gather(-1, places.sort(dim=-1).values)                 # (N, k), best first as topk
+
+
+def routing_drift(scores, true, used, eps=1e-6):
+    """How far cache-aware routing moved each token from its own routing: (agreement, kl), each (N,).
+    agreement: the fraction of the used experts `used` (N, K) that are in the true top-k `true` (N, K).
+    kl: KL(p_true || p_used) over the union U of the two sets, p a set's scores (N, E) normalised to sum 1
+    (the combine weights' own rule), smoothed to (p + eps) / (1 + eps |U|) so that a swap costs a finite amount."""
+    def member(idx):  # (N, E) bool
+        return torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, idx, True)
+
+    in_true, in_used = member(true), member(used)
+    union = in_true | in_used                                              # (N, E)
+    size = union.sum(-1, keepdim=True)                                     # (N, 1) |U|
+    p, q = (torch.where(m, scores, 0.0) for m in (in_true, in_used))       # (N, E) each set's scores
+    p, q = ((s / s.sum(-1, keepdim=True) + eps) / (1 + eps * size) for s in (p, q))
+    kl = torch.where(union, p * (p / q).log(), 0.0).sum(-1)                # (N,)
+    return (in_true & in_used).sum(-1) / true.shape[-1], kl
+
+
 class Gate(nn.Module):
     """The router: scores every expert for every token and picks K of them. The only module ReMoE trains."""
 
@@ -378,10 +410,13 @@ class Gate(nn.Module):
             # DeepSeek-V3's load-balancing bias: shifts which experts are chosen, never their weights
             self.register_buffer("e_score_correction_bias", torch.zeros(cfg.n_routed_experts, dtype=torch.float32))
 
-    def forward(self, x, bonus=None):  # x (N, D) -> indices (N, K), weights (N, K), scores (N, E)
-        """`bonus` (E,), optional, is added to the scores used for the choice only (like V3's bias, and
-        before group limiting, so a favoured expert's group is favoured too); the weights stay the
-        unbiased scores. offload_infer.py's cache-aware routing uses it to favour cached experts."""
+    def forward(self, x, bonus=None, cached=None, keep=None, margin=0.0):
+        """x (N, D) -> indices (N, K), weights (N, K), scores (N, E). Cache-aware routing (offload_infer.py)
+        steers the choice, never the weights (the scores of the chosen experts), in one of two ways.
+        `bonus` (E,) is added to the scores used for the choice (like V3's bias, and before group limiting,
+        so a favoured expert's group is favoured too). With `cached` (E,) or (N, E) bool and `keep` J, the
+        choice is guaranteed_topk's: the true top-J always, the other K - J slots preferring cached experts
+        within `margin` of the K-th best score."""
         cfg = self.cfg
         if cfg.router_logits_fp32 and x.dtype != torch.float32:
             logits = F.linear(x.float(), self.weight.float())
@@ -401,11 +436,15 @@ class Gate(nn.Module):
                 group_score = grouped.topk(2, dim=-1).values.sum(dim=-1)  # V3: sum of each group's best two
             else:
                 group_score = grouped.max(dim=-1).values  # V2: each group's best expert
-            keep = group_score.topk(cfg.topk_group, dim=-1).indices  # (N, topk_group)
-            keep = torch.zeros_like(group_score, dtype=torch.bool).scatter_(1, keep, True)
-            dropped = (~keep).unsqueeze(-1).expand_as(grouped).reshape_as(choice)  # (N, E)
+            best = group_score.topk(cfg.topk_group, dim=-1).indices  # (N, topk_group)
+            kept = torch.zeros_like(group_score, dtype=torch.bool).scatter_(1, best, True)
+            dropped = (~kept).unsqueeze(-1).expand_as(grouped).reshape_as(choice)  # (N, E)
             choice = choice.masked_fill(dropped, float("-inf") if cfg.topk_method == "noaux_tc" else 0.0)
-        indices = choice.topk(cfg.num_experts_per_tok, dim=-1).indices  # (N, K), best first
+            cached = cached & ~dropped if cached is not None else None  # a dropped group stays dropped
+        if cached is not None and keep is not None and keep < cfg.num_experts_per_tok:
+            indices = guaranteed_topk(choice, cfg.num_experts_per_tok, cached, keep, margin)  # (N, K), best first
+        else:
+            indices = choice.topk(cfg.num_experts_per_tok, dim=-1).indices  # (N, K), best first
         weights = scores.gather(-1, indices)  # the unbiased scores of the chosen experts
         if cfg.norm_topk_prob:
             weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
@@ -454,8 +493,8 @@ def run_experts_grouped(x, indices, weights, gate, up, down):
 
 class Experts(nn.ModuleList):
     """The E routed experts of one MoE layer, all in memory: the resident experts provider.
-    A provider answers three questions of the MoE layer: a bonus to add to the router's scores before
-    the top-k (none here), "give me these experts", and "what do these experts add to x" (here the
+    A provider answers three questions of the MoE layer: how to steer the router's top-k (Gate's keyword
+    arguments; nothing here), "give me these experts", and "what do these experts add to x" (here the
     reference loop, run_experts). offload_infer.py swaps in a provider with the same three methods that
     holds a few experts in a cache and reads the others from disk, so the decoder loop and this layer
     exist once. Several tokens at once (training, a prompt) take the grouped path, run_experts_grouped;
@@ -465,8 +504,8 @@ class Experts(nn.ModuleList):
         super().__init__(experts)
         self.grouped = grouped
 
-    def bonus(self):
-        return None
+    def steer(self):
+        return {}
 
     def fetch(self, indices, x):
         """(expert id, expert) for every expert that `indices` (N, K) selects, in ascending id order."""
@@ -511,7 +550,7 @@ class MoE(nn.Module):
     def forward(self, x):  # x (B, T, D)
         B, T, D = x.shape
         flat = x.reshape(B * T, D)
-        indices, weights, scores = self.gate(flat, self.experts.bonus())  # (N, K), (N, K), (N, E)
+        indices, weights, scores = self.gate(flat, **self.experts.steer())  # (N, K), (N, K), (N, E)
         y = self.experts.run(flat, indices, weights) + self.shared(flat)
         K = indices.shape[-1]
         routing = Routing(self.layer, indices.view(B, T, K), weights.view(B, T, K), scores.view(B, T, -1))

@@ -44,6 +44,8 @@ class OffloadConfig:
     device: str | None = None  # None: cuda if available, else cpu
     dtype: str | None = None   # None: float32 on CPU; on CUDA the checkpoint's own dtype (bf16 for FP8)
     cache_bias: float = 0.0    # bonus added to cached experts' router scores before top-k (0: plain routing)
+    cache_keep: int | None = None  # guaranteed mode (model.guaranteed_topk): keep each token's true top-J ...
+    cache_margin: float = 0.0      # ... and fill the other K - J with cached experts within this score margin
     prefetch: bool = False     # load the next MoE layer's predicted experts while this layer computes
     compile: bool = False      # every expert resident (cache = E): compile the decode step with torch.compile
 
@@ -167,28 +169,32 @@ class ExpertLoader:
 
 class OffloadedExperts(nn.Module):
     """The routed experts of one MoE layer as the engine holds them: `capacity` slots filled from disk on
-    demand. The same three methods as model.Experts: `bonus` (cache-aware routing), `fetch` and `run`."""
+    demand. The same three methods as model.Experts: `steer` (cache-aware routing), `fetch` and `run`."""
 
     # a decode token's K experts run together while the gather of their weights costs less than the K - 1
     # expert calls it saves; larger experts are memory-bound, and a gather would copy them once more
     TOGETHER_BELOW_BYTES = 4 << 20
 
-    def __init__(self, layer, n_experts, slots, cache, loader, record, cache_bias=0.0, after=None):
+    def __init__(self, layer, n_experts, slots, cache, loader, record, opts=None, after=None, gate=None):
         super().__init__()
         self.layer, self.n_experts, self.slots, self.cache = layer, n_experts, slots, cache
-        self.loader, self.record, self.cache_bias = loader, record, cache_bias
+        self.loader, self.record, self.opts = loader, record, opts or OffloadConfig()
+        self.steered = bool(self.opts.cache_bias) or self.opts.cache_keep is not None  # cache-aware routing
+        self.true_routing = gate.forward if gate is not None else None  # the layer's own router (not a submodule)
         self.after = after  # called with the layer's input after it computed (the engine's prefetch)
         self.expert_bytes = slots.nbytes // cache.capacity  # one slot's weights
         self.slot_of = None  # (E,) tensor expert -> slot once every expert is resident for good (--compile)
 
-    def bonus(self):
-        """(E,) cache_bias on the experts cached now, or None for plain routing. Cache-aware routing trades
-        quality for hits without training; ReMoE instead teaches the router to prefer recent experts."""
-        if not self.cache_bias or self.slot_of is not None:  # all cached: an equal bonus changes no choice
-            return None
-        bonus = torch.zeros(self.n_experts, device=self.slots.gate.device)
-        bonus[list(self.cache.slot_of)] = self.cache_bias
-        return bonus
+    def steer(self):
+        """model.Gate's arguments for the cached experts: a bonus, the guaranteed mode or none (plain routing).
+        Trades quality for hits without training; ReMoE teaches the router to prefer recent experts instead."""
+        if not self.steered or self.slot_of is not None:
+            return {}
+        cached, o = torch.zeros(self.n_experts, dtype=torch.bool, device=self.slots.gate.device), self.opts
+        cached[list(self.cache.slot_of)] = True
+        if o.cache_keep is not None:
+            return {"cached": cached, "keep": o.cache_keep, "margin": o.cache_margin}
+        return {"bonus": cached * o.cache_bias}
 
     def fetch(self, indices, x):
         """(expert id, the expert in its slot) for every expert that `indices` (T, K) selects."""
@@ -224,6 +230,11 @@ class OffloadedExperts(nn.Module):
         if x.shape[0] == 1 and self.slot_of is not None:
             # every expert resident for good: a tensor lookup, so a compiled step runs through (all requests hit)
             return self.slots.run_together(self.slot_of[indices[0]], x, weights)
+        if self.steered:  # record how far the steered choice is from the router's own
+            true, _, scores = self.true_routing(x)
+            agreement, kl = model.routing_drift(scores, true, indices)  # (T,) each
+            self.record.steps[-1].agreement.append(agreement.mean().item())
+            self.record.steps[-1].kl.append(kl.mean().item())
         if x.shape[0] == 1 and K <= self.cache.capacity and K * self.expert_bytes < self.TOGETHER_BELOW_BYTES:
             slots = [slot for _, slot in self.admit(indices)]  # K distinct ids: slots[k] holds indices[0, k]
             self.slots.wait(slots)
@@ -281,6 +292,10 @@ class OffloadEngine:
             raise UserError(f"--compile needs every expert resident (--cache {cfg.n_routed_experts}), got --cache "
                             f"{opts.cache}: an offloaded layer reads its misses from disk between its router and its "
                             f"experts, which a compiled step cannot pause for")
+        keep, K = opts.cache_keep, cfg.num_experts_per_tok
+        if keep is not None and (opts.cache_bias or not 0 <= keep <= K or not opts.cache_margin >= 0):
+            raise UserError(f"--cache-keep must be in 0..{K} (top-k) with --cache-margin >= 0 and no --cache-bias, "
+                            f"got {keep}, {opts.cache_margin:g} and {opts.cache_bias:g}")
         if opts.policy not in ("lru", "lfu"):
             raise UserError(f"--policy must be lru or lfu, got {opts.policy!r} (belady needs the future: "
                             f"use cache.simulate on a trace)")
@@ -297,7 +312,7 @@ class OffloadEngine:
             moe.experts = OffloadedExperts(moe.layer, cfg.n_routed_experts,
                                            ExpertSlots(opts.cache, self.store.shapes, self.dtype, self.device),
                                            ExpertCache(opts.cache, opts.policy), self.loader, self.record,
-                                           opts.cache_bias, self._prefetch_next if opts.prefetch else None)
+                                           opts, self._prefetch_next if opts.prefetch else None, moe.gate)
         self.compiled = None
         if opts.compile:
             self.compile_decode()
@@ -400,7 +415,7 @@ class OffloadEngine:
         nxt = self.next_moe.get(layer)
         if nxt is None or x.shape[0] != 1:
             return
-        nxt.experts.prefetch(needed_experts(nxt.gate(x, nxt.experts.bonus())[0].tolist()))
+        nxt.experts.prefetch(needed_experts(nxt.gate(x, **nxt.experts.steer())[0].tolist()))
 
     @torch.no_grad()
     def generate(self, prompt_ids, max_new_tokens, temperature=0.0, top_p=1.0, generator=None, on_token=None):
@@ -433,7 +448,7 @@ class OffloadEngine:
             hit_rate=dec.hit_rate, loads_per_token=dec.misses_per_token, mb_read_per_token=dec.mb_per_token,
             prefill_loads=pre.misses, prefill_mb=pre.bytes_read / 1e6,
             prefetch_loads=self.record.totals(first).prefetched, expert_memory_mb=self.expert_memory_bytes / 1e6,
-            peak_rss_mb=peak_rss / 1e6 if peak_rss is not None else None)
+            peak_rss_mb=peak_rss / 1e6 if peak_rss is not None else None, agreement=dec.agreement, kl=dec.kl)
         out = torch.cat([ids, torch.tensor([tokens], device=self.device)], dim=1)
         return out, report
 
@@ -495,6 +510,10 @@ def parse_args(argv=None):
     g.add_argument("--io", choices=("mmap", "direct"), default=d.io, help="mmap or O_DIRECT (default: %(default)s)")
     g.add_argument("--cache-bias", type=float, default=d.cache_bias,
                    help="bonus on cached experts' router scores before top-k (0 = plain routing)")
+    g.add_argument("--cache-keep", type=int, default=d.cache_keep, metavar="J", help="guaranteed cache-aware "
+                   "routing: keep each token's true top-J, fill the rest from cached experts within --cache-margin")
+    g.add_argument("--cache-margin", type=float, default=d.cache_margin, help="with --cache-keep: how far below "
+                   "the K-th best router score a cached expert may be (default: %(default)s, plain routing)")
     g.add_argument("--prefetch", action="store_true", help="load the next MoE layer's predicted experts early")
     g.add_argument("--compile", action="store_true", help="with --cache = all experts: compile the decode step "
                                                           "(torch.compile; tens of seconds once, needs a C++ compiler)")
@@ -528,7 +547,8 @@ def main(argv=None):
     args = parse_args(argv)
     args.model = args.model or str(cli.default_model_dir())
     opts = OffloadConfig(cache=args.cache, policy=args.policy, io=args.io, device=args.device, dtype=args.dtype,
-                         cache_bias=args.cache_bias, prefetch=args.prefetch, compile=args.compile)
+                         cache_bias=args.cache_bias, cache_keep=args.cache_keep, cache_margin=args.cache_margin,
+                         prefetch=args.prefetch, compile=args.compile)
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     with cli.user_errors():
@@ -563,7 +583,8 @@ def main(argv=None):
           f"{r.tokens_per_s:.1f} tokens/s")
     print(f"hit rate {r.hit_rate:.3f} | {r.loads_per_token:.2f} expert loads/token | "
           f"{r.mb_read_per_token:.3f} MB read/token | peak resident expert memory {r.expert_memory_mb:.2f} MB"
-          + (f" | peak RSS {r.peak_rss_mb:.0f} MB" if r.peak_rss_mb is not None else ""))
+          + (f" | peak RSS {r.peak_rss_mb:.0f} MB" if r.peak_rss_mb is not None else "")
+          + f" | agreement with the true top-k {r.agreement:.3f}, KL {r.kl:.4f}")
     if args.json:
         figures = dict(model=str(args.model), **asdict(opts), **asdict(r))
         figures.update(device=str(engine.device), dtype=dtype, threads=torch.get_num_threads(),

@@ -18,6 +18,8 @@ class Step:
     routing: list = field(default_factory=list)  # per MoE layer: [[K ids] per token] (cache.simulate's format)
     hits: list = field(default_factory=list)     # per MoE layer: requested experts found in the cache
     misses: list = field(default_factory=list)   # per MoE layer: experts read from disk for the request
+    agreement: list = field(default_factory=list)  # cache-aware routing, per MoE layer: model.routing_drift's
+    kl: list = field(default_factory=list)         # agreement and KL, each the mean over the step's tokens
     bytes_read: int = 0                          # from the files, prefetches included
     prefetched: int = 0                          # experts --prefetch loaded ahead (not requests)
 
@@ -28,6 +30,8 @@ class Totals(Counts):
     steps: int
     bytes_read: int
     prefetched: int
+    agreement: float  # with the true top-k: the fraction of chosen (token, expert) pairs in it
+    kl: float         # KL(true || used routing weights), mean over tokens and MoE layers (plain routing: 1 and 0)
 
     @property
     def mb_per_token(self):
@@ -42,7 +46,11 @@ class Record:
 
     def totals(self, start=0, stop=None):
         steps = self.steps[start:stop]
-        return Totals(hits=sum(sum(s.hits) for s in steps), misses=sum(sum(s.misses) for s in steps),
+        routed = [(s.tokens, a, kl) for s in steps for a, kl in zip(s.agreement, s.kl)]  # one per (step, layer)
+        n = sum(t for t, _, _ in routed)
+        return Totals(agreement=sum(t * a for t, a, _ in routed) / n if n else 1.0,
+                      kl=sum(t * kl for t, _, kl in routed) / n if n else 0.0,
+                      hits=sum(sum(s.hits) for s in steps), misses=sum(sum(s.misses) for s in steps),
                       tokens=sum(s.tokens for s in steps), steps=len(steps),
                       bytes_read=sum(s.bytes_read for s in steps), prefetched=sum(s.prefetched for s in steps))
 
@@ -75,3 +83,5 @@ class DecodeReport:
     prefetch_loads: int
     expert_memory_mb: float     # slots + staging buffers: allocated once, so also the peak
     peak_rss_mb: float | None   # before the first and after the last step (allocated up front; the KV cache grows)
+    agreement: float            # cache-aware routing, over decode steps: chosen (token, expert) pairs in the true top-k
+    kl: float                   # and the mean KL(true || used routing weights) per token and MoE layer

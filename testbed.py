@@ -228,8 +228,8 @@ class NoRoutedExperts(nn.Module):
     """An experts provider (model.Experts' three methods) that provides no expert: the MoE layer then
     returns only its shared part (zero where there are no shared experts)."""
 
-    def bonus(self):
-        return None
+    def steer(self):
+        return {}
 
     def fetch(self, indices, x):
         return iter(())

@@ -2,8 +2,8 @@
 tests/test_train.py builds them), then every figure of its results.json recomputed independently:
 perplexity and top-1 from model.py's logits, reuse from router.reuse_rate, cache hit rates by
 brute-force LRU / LFU / Belady loops over the models' own routing, cache-aware routing by a resident
-decode loop (model.py's modules and Gate bonus, a brute-force LRU list) instead of the offload
-engine, decoded tokens by model.generate. Bad input must end in one `error:` line and exit code 2.
+decode loop (model.py's modules, the Gate's bonus or the guaranteed rule by brute force, a brute-force LRU
+list: oracles.resident_cache_aware) instead of the offload engine, decoded tokens by model.generate. Bad input must end in one `error:` line and exit code 2.
 """
 import contextlib
 import copy
@@ -21,12 +21,11 @@ import torch.nn.functional as F
 import bench
 import cache
 import checkpoint
-import model
 import offload_infer as oi
 import router
 import train
 from data import DataConfig, eval_windows, prepare_data
-from oracles import BRUTE
+from oracles import BRUTE, resident_cache_aware
 from tiny import assert_cli_errors, finetune_args, load_oracle, random_ids, read_tensors
 
 REPO = Path(__file__).resolve().parent.parent
@@ -182,42 +181,6 @@ def test_cache_study_by_brute_force(run, truth):
             assert bel["hit_rate"] >= lru["hit_rate"] - 1e-12  # nothing beats the optimum
 
 
-@torch.no_grad()
-def resident_cache_aware(net, windows, capacity, bias):
-    """Cache-aware routing without the offload engine: model.py's resident modules run one token at a
-    time, the bonus goes to the experts a brute-force LRU list holds, and that list counts the hits."""
-    cfg = net.config
-    nll, hits, requests, top1 = 0.0, 0, 0, []
-    for w in windows:
-        kv, cached = model.KVCache(), {l: [] for l in cfg.moe_layers}  # least recent first
-        for t in range(len(w) - 1):
-            ids = w[None, t:t + 1]
-            rot = net.rope(*kv.positions(1, ids.device))
-            x = net.model.embed_tokens(ids)  # (1, 1, D)
-            for block in net.model.layers:
-                x = x + block.self_attn(block.input_layernorm(x), rot, kv)
-                h = block.post_attention_layernorm(x)
-                if not isinstance(block.mlp, model.MoE):
-                    x = x + block.mlp(h)
-                    continue
-                moe, flat = block.mlp, h.view(1, -1)  # (1, D)
-                bonus = torch.zeros(cfg.n_routed_experts)
-                bonus[cached[moe.layer]] = bias
-                idx, weights, _ = moe.gate(flat, bonus)
-                experts = idx[0].tolist()
-                hits += sum(e in cached[moe.layer] for e in experts)
-                requests += len(experts)
-                keep = [e for e in cached[moe.layer] if e not in experts]
-                cached[moe.layer] = keep[max(0, len(keep) + len(experts) - capacity):] + experts
-                x = x + (model.run_experts(flat, idx, weights, moe.experts) + moe.shared(flat)).view_as(x)
-            kv.advance(1)
-            logits = net.lm_head(net.model.norm(x))[0, -1]  # (V,)
-            nll += F.cross_entropy(logits[None], w[None, t + 1]).item()
-            top1.append(logits.argmax().item())
-    tokens = windows.shape[0] * (windows.shape[1] - 1)
-    return hits / requests, math.exp(nll / tokens), torch.tensor(top1).view(windows.shape[0], -1)
-
-
 def test_certificate_against_edited_models(run, truth):
     """The quality section's ablations: the learned perplexity is the model's own, and switching the
     routed experts off equals zeroing every routed expert's down projection in a copy of the model."""
@@ -245,15 +208,19 @@ def test_pareto_points_against_a_resident_loop(run, truth, pair):
     assert c == min(2 * cfg.num_experts_per_tok, cfg.n_routed_experts)
     windows = truth["windows"][:n]
     base_top1 = truth["base"]["logits"][:n].argmax(-1)
+    J = bench.QUICK["pareto_keep"]
+    assert pa["keep"] == J and pa["margins"] == list(bench.QUICK["pareto_margins"])
     assert set(pa["families"]) == {"base + cache-aware", "ReMoE + cache-aware", "lambda=0 control + cache-aware",
-                                   "ReMoE lambda sweep (distill)"}
+                                   "ReMoE lambda sweep (distill)", f"base + guaranteed J={J}",
+                                   f"ReMoE + guaranteed J={J}", f"lambda=0 control + guaranteed J={J}"}
     nets = {"base": truth["base"]["net"], "tuned": truth["tuned"]["net"],
             **{str(pair["sweep"] / d / "remoe"): checkpoint.load_model(pair["sweep"] / d / "remoe")
                for d in ("distill-lambda0", "distill-lambda1")}}
     for family, pts in pa["families"].items():
         for p in pts:
             net = nets[p["model"]]
-            if p["bias"] == 0:
+            if p["bias"] == 0 and "keep" not in p:
+                assert (p["agreement"], p["kl"]) == (1.0, 0.0)  # a model's plain routing is its own top-k
                 with torch.no_grad():
                     logits, routing = net(windows[:, :-1], return_routing=True)
                 assert p["hit_rate"] == pytest.approx(hit_rate([r.indices for r in routing], c))
@@ -263,7 +230,10 @@ def test_pareto_points_against_a_resident_loop(run, truth, pair):
                 assert p["window_nll"] == pytest.approx(per_window.tolist(), rel=1e-5)
                 top1 = logits.argmax(-1)
             else:
-                rate, ppl, top1 = resident_cache_aware(net, windows, c, p["bias"])
+                assert ("guaranteed" in family) == ("keep" in p) and p.get("keep", J) == J
+                rate, ppl, top1, agreement, kl = resident_cache_aware(net, windows, c, p["bias"], p.get("keep"),
+                                                                      p.get("margin", 0.0))
+                assert p["agreement"] == pytest.approx(agreement) and p["kl"] == pytest.approx(kl, rel=1e-4, abs=1e-7)
                 assert p["hit_rate"] == pytest.approx(rate), (family, p)
                 assert p["perplexity"] == pytest.approx(ppl, rel=1e-5), (family, p)
                 trace = torch.from_numpy(run["traces"][p["trace"]].astype(np.int64))  # (L, N, T, K)

@@ -75,7 +75,7 @@ def check_keys(d, spec, where=""):
             continue
         typed = isinstance(v, (int, float) if kind is float else kind) and (kind is bool or type(v) is not bool)
         if not typed or (ok is not None and not ok(v)):
-            raise UserError(f"config key {where}{key!r} is {v!r}, expected {expected}")
+            raise UserError(f"config key {where + key!r} is {v!r}, expected {expected}")
 
 
 def config_from_hf(d):

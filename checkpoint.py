@@ -19,6 +19,7 @@ import os
 import shutil
 import struct
 import time
+import warnings
 from pathlib import Path
 from typing import NamedTuple
 
@@ -312,7 +313,10 @@ class MappedFiles:
         count = math.prod(info.shape)
         if count == 0:
             return torch.empty(info.shape, dtype=info.dtype)
-        return torch.frombuffer(self.maps[info.file], dtype=info.dtype, count=count, offset=info.start).view(info.shape)
+        with warnings.catch_warnings():  # a read-only map is read only: torch's warning would precede an error line
+            warnings.filterwarnings("ignore", "The given buffer is not writable", UserWarning)
+            t = torch.frombuffer(self.maps[info.file], dtype=info.dtype, count=count, offset=info.start)
+        return t.view(info.shape)
 
 
 def checkpoint_tensors(path):

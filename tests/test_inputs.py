@@ -218,6 +218,22 @@ def test_corrupt_tokenizer_files_name_the_file(name, content, with_tokenizer):
     refused(lambda: checkpoint.read_config(d), d / name)
 
 
+@pytest.mark.parametrize("name,content", [("tokenizer.json", '{"model": {"type": "BPE"}}'),
+                                          ("tokenizer_config.json", '{"eos_token": 2}'), ("tokenizer.json", None)])
+def test_train_refuses_bad_tokenizer_before_any_work(name, content, with_tokenizer, corpus, tmp_path, capsys):
+    """train.py reads the model's config first (checkpoint.read_config), which checks its tokenizer."""
+    import train
+    from tiny import finetune_args
+
+    out = tmp_path / "run"
+    shutil.copytree(with_tokenizer(100 if content else 161), out / "base")
+    if content:
+        (out / "base" / name).write_text(content)
+    line = run_main(train.main, finetune_args(corpus, out), capsys)
+    assert str(out / "base" / name) in line and (content or "vocab_size 160" in line)
+    assert sorted(p.name for p in out.iterdir()) == ["base"]  # nothing written
+
+
 @pytest.mark.parametrize("damage", ["no-vocab", "negative-id", "negative-added-id"])
 def test_export_refuses_malformed_tokenizer(damage, with_tokenizer):
     export = pytest.importorskip("export")

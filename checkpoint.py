@@ -1,8 +1,9 @@
 """
 checkpoint.py: the Hugging Face checkpoint format, read and written without transformers: config.json
-mapped onto model.ModelConfig by an explicit key map (legacy hub keys and transformers-5 keys), the
-safetensors header checked as the format defines it, tensors memory-mapped straight into the model
-(one file or the shards of an index, FP8 blocks dequantized), models saved in the same layout, and the
+mapped onto model.ModelConfig by an explicit key map (legacy hub keys and transformers-5 keys, each
+checked by type and range), the safetensors header checked as the format defines it, tensors
+memory-mapped straight into the model (one file or the shards of an index, FP8 blocks dequantized,
+every layer accounted for by the config, every weight finite), models saved in the same layout, and the
 tuned checkpoint that train.py exports (the base's files with only the router tensors replaced).
 
     python checkpoint.py --model runs/default/base                     # summary of a checkpoint
@@ -88,9 +89,10 @@ def config_from_hf(d):
         if d.get(key) is None:
             raise UserError(f"config key {key!r} is missing, expected an integer >= 1")
     check_keys(d, CONFIG_KEYS)
+    for key in ("rope_parameters", "rope_scaling", "quantization_config"):
+        if not isinstance(d.get(key) or {}, dict):
+            raise UserError(f"config key {key!r} is {d[key]!r}, expected an object or null")
     rope_key = "rope_parameters" if d.get("rope_parameters") else "rope_scaling"
-    if not isinstance(d.get(rope_key) or {}, dict):
-        raise UserError(f"config key {rope_key!r} is {d[rope_key]!r}, expected an object or null")
     check_keys(d.get(rope_key) or {}, ROPE_KEYS, f"{rope_key}.")
     dense = d.get("mlp_only_layers") or []
     if not isinstance(dense, list) or not all(type(l) is int for l in dense):
@@ -170,7 +172,7 @@ def config_from_hf(d):
         raise UserError(f"num_experts_per_tok {c.num_experts_per_tok} must be in 1..{c.n_routed_experts}")
     if c.topk_method != "greedy" and c.n_routed_experts % c.n_group:
         raise UserError(f"n_routed_experts {c.n_routed_experts} is not divisible by n_group {c.n_group}")
-    if c.topk_group > c.n_group:
+    if c.topk_method != "greedy" and c.topk_group > c.n_group:
         raise UserError(f"config key 'topk_group' is {c.topk_group}, expected at most n_group {c.n_group}")
     if not c.mla and H % c.num_key_value_heads:
         raise UserError(f"config key 'num_key_value_heads' is {c.num_key_value_heads}, expected a divisor of "
@@ -180,6 +182,8 @@ def config_from_hf(d):
 
 
 def read_config(path):
+    """A model folder's config.json as a ModelConfig, each key checked, and the folder's tokenizer checked
+    against it: every script reads this first, so bad input stops before any work."""
     path = Path(path)
     if path.is_file():
         raise UserError(f"{path}: is a file, expected a model folder (config.json, *.safetensors)")

@@ -128,7 +128,7 @@ BAD_VALUES = [
     ("rms_norm_eps", "tiny", "number > 0"), ("rms_norm_eps", 0, "number > 0"),
     ("num_experts_per_tok", 2.0, "integer"), ("num_key_value_heads", 3, "divisor"),
     ("tie_word_embeddings", 1, "true or false"), ("mlp_only_layers", ["1"], "list of layer numbers"),
-    ("rope_parameters", ["default"], "object"),
+    ("rope_parameters", ["default"], "object"), ("quantization_config", "fp8", "object"),
     ("rope_parameters", yarn(1.0, 1.0, factor=0), "number > 0"),
     ("rope_parameters", yarn(1.0, 1.0, factor=-2.0), "number > 0"),
     ("rope_parameters", {**yarn(1.0, 1.0), "factor": None}, "factor"),

@@ -1,8 +1,9 @@
 """
 checkpoint.py: the Hugging Face checkpoint format, read and written without transformers: config.json
-mapped onto model.ModelConfig by an explicit key map (legacy hub keys and transformers-5 keys), the
-safetensors header checked as the format defines it, tensors memory-mapped straight into the model
-(one file or the shards of an index, FP8 blocks dequantized), models saved in the same layout, and the
+mapped onto model.ModelConfig by an explicit key map (legacy hub keys and transformers-5 keys, each
+checked by type and range), the safetensors header checked as the format defines it, tensors
+memory-mapped straight into the model (one file or the shards of an index, FP8 blocks dequantized,
+every layer accounted for by the config, every weight finite), models saved in the same layout, and the
 tuned checkpoint that train.py exports (the base's files with only the router tensors replaced).
 
     python checkpoint.py --model runs/default/base                     # summary of a checkpoint
@@ -19,6 +20,7 @@ import os
 import shutil
 import struct
 import time
+import warnings
 from pathlib import Path
 from typing import NamedTuple
 
@@ -43,14 +45,58 @@ def _first(d, *keys, default=None):
     return default
 
 
+# The type and range of every key the model reads, as the format defines them; an absent or null key
+# takes its default. A bool is an int in Python, so it is refused wherever a number is expected.
+SIZE = (int, lambda v: v >= 1, "an integer >= 1")
+COUNT = (int, lambda v: v >= 0, "an integer >= 0")
+POSITIVE = (float, lambda v: 0 < v < math.inf, "a number > 0")
+NUMBER = (float, lambda v: -math.inf < v < math.inf, "a finite number")
+FLAG = (bool, None, "true or false")
+NAME = (str, None, "a string")
+CONFIG_KEYS = {
+    **dict.fromkeys(("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                     "max_position_embeddings", "intermediate_size", "moe_intermediate_size", "head_dim",
+                     "q_lora_rank", "kv_lora_rank", "qk_rope_head_dim", "v_head_dim", "n_group", "topk_group"), SIZE),
+    **dict.fromkeys(("n_routed_experts", "num_experts", "num_local_experts", "num_experts_per_tok",
+                     "qk_nope_head_dim", "n_shared_experts", "first_k_dense_replace",
+                     "shared_expert_intermediate_size", "decoder_sparse_step", "num_nextn_predict_layers"), COUNT),
+    **dict.fromkeys(("rms_norm_eps", "rope_theta", "routed_scaling_factor", "clip_qkv"), POSITIVE),
+    **dict.fromkeys(("tie_word_embeddings", "norm_topk_prob", "attention_bias", "rope_interleave", "qkv_bias"), FLAG),
+    "topk_method": NAME,
+}
+ROPE_KEYS = {"rope_theta": POSITIVE, "factor": POSITIVE, "original_max_position_embeddings": SIZE,
+             "beta_fast": NUMBER, "beta_slow": NUMBER, "mscale": NUMBER, "mscale_all_dim": NUMBER,
+             "attention_factor": POSITIVE, "truncate": FLAG, "rope_type": NAME, "type": NAME}
+
+
+def check_keys(d, spec, where=""):
+    """Each key of `spec` in the dict d is absent, null, or of its type and range; else one UserError."""
+    for key, (kind, ok, expected) in spec.items():
+        v = d.get(key)
+        if v is None:
+            continue
+        typed = isinstance(v, (int, float) if kind is float else kind) and (kind is bool or type(v) is not bool)
+        if not typed or (ok is not None and not ok(v)):
+            raise UserError(f"config key {where + key!r} is {v!r}, expected {expected}")
+
+
 def config_from_hf(d):
     """Map a Hugging Face config.json dict (legacy hub keys or transformers-5 keys) to ModelConfig."""
     mt = d.get("model_type")
     if mt not in SUPPORTED_MODEL_TYPES:
         raise UserError(f"model_type {mt!r} is not supported; supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
     for key in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads"):
-        if not isinstance(d.get(key), int):
-            raise UserError(f"config key {key!r} must be an integer, got {d.get(key)!r}")
+        if d.get(key) is None:
+            raise UserError(f"config key {key!r} is missing, expected an integer >= 1")
+    check_keys(d, CONFIG_KEYS)
+    for key in ("rope_parameters", "rope_scaling", "quantization_config"):
+        if not isinstance(d.get(key) or {}, dict):
+            raise UserError(f"config key {key!r} is {d[key]!r}, expected an object or null")
+    rope_key = "rope_parameters" if d.get("rope_parameters") else "rope_scaling"
+    check_keys(d.get(rope_key) or {}, ROPE_KEYS, f"{rope_key}.")
+    dense = d.get("mlp_only_layers") or []
+    if not isinstance(dense, list) or not all(type(l) is int for l in dense):
+        raise UserError(f"config key 'mlp_only_layers' is {dense!r}, expected a list of layer numbers")
     L, H = d["num_hidden_layers"], d["num_attention_heads"]
     c = ModelConfig(model_type=mt, vocab_size=d["vocab_size"], hidden_size=d["hidden_size"], num_hidden_layers=L,
                     rms_norm_eps=d.get("rms_norm_eps", 1e-6), tie_word_embeddings=d.get("tie_word_embeddings", False),
@@ -62,6 +108,8 @@ def config_from_hf(d):
     c.rope_type = rp.get("rope_type", rp.get("type", "default"))
     if c.rope_type not in ("default", "yarn"):
         raise UserError(f"rope type {c.rope_type!r} is not supported; supported: default, yarn")
+    if c.rope_type == "yarn" and rp.get("factor") is None:
+        raise UserError(f"config key {rope_key!r} is YaRN without a 'factor', expected a number > 0")
     rp.setdefault("original_max_position_embeddings", c.max_position_embeddings)
     c.rope_parameters = rp
     c.n_routed_experts = _first(d, "n_routed_experts", "num_experts", "num_local_experts", default=0)
@@ -69,6 +117,7 @@ def config_from_hf(d):
     c.intermediate_size = d.get("intermediate_size", 0)
     c.moe_intermediate_size = d.get("moe_intermediate_size", c.intermediate_size)
     c.norm_topk_prob = d.get("norm_topk_prob", False)
+    c.num_nextn_predict_layers = d.get("num_nextn_predict_layers") or 0
 
     if mt in ("deepseek_v2", "deepseek_v3"):
         c.mla, c.q_lora_rank, c.kv_lora_rank = True, d.get("q_lora_rank"), d["kv_lora_rank"]
@@ -92,6 +141,10 @@ def config_from_hf(d):
         if c.topk_method not in ("greedy", "group_limited_greedy", "noaux_tc"):
             raise UserError(f"topk_method {c.topk_method!r} is not supported")
         block = (d.get("quantization_config") or {}).get("weight_block_size")
+        if block is not None and not (isinstance(block, list) and len(block) == 2
+                                      and all(type(b) is int and b >= 1 for b in block)):
+            raise UserError(f"config key 'quantization_config.weight_block_size' is {block!r}, "
+                            f"expected [rows, columns] of integers >= 1")
         if block:
             c.fp8_block = tuple(block)
     else:
@@ -119,11 +172,18 @@ def config_from_hf(d):
         raise UserError(f"num_experts_per_tok {c.num_experts_per_tok} must be in 1..{c.n_routed_experts}")
     if c.topk_method != "greedy" and c.n_routed_experts % c.n_group:
         raise UserError(f"n_routed_experts {c.n_routed_experts} is not divisible by n_group {c.n_group}")
+    if c.topk_method != "greedy" and c.topk_group > c.n_group:
+        raise UserError(f"config key 'topk_group' is {c.topk_group}, expected at most n_group {c.n_group}")
+    if not c.mla and H % c.num_key_value_heads:
+        raise UserError(f"config key 'num_key_value_heads' is {c.num_key_value_heads}, expected a divisor of "
+                        f"num_attention_heads {H}")
     return c
 
 
 
 def read_config(path):
+    """A model folder's config.json as a ModelConfig, each key checked, and the folder's tokenizer checked
+    against it: every script reads this first, so bad input stops before any work."""
     path = Path(path)
     if path.is_file():
         raise UserError(f"{path}: is a file, expected a model folder (config.json, *.safetensors)")
@@ -133,18 +193,33 @@ def read_config(path):
     cfg_file = path / "config.json"
     if not cfg_file.is_file():
         raise UserError(f"{path}: no config.json in the model folder")
+    d = read_json(cfg_file, "an object of config keys")
     try:
-        d = json.loads(cfg_file.read_text())
-    except json.JSONDecodeError as e:
-        raise UserError(f"{cfg_file}: not valid JSON ({e})") from None
-    if not isinstance(d, dict):
-        raise UserError(f"{cfg_file}: a JSON {type(d).__name__}, expected an object of config keys")
-    try:
-        return config_from_hf(d)
+        cfg = config_from_hf(d)
     except UserError as e:
         raise UserError(f"{cfg_file}: {e}") from None
     except (KeyError, TypeError) as e:
         raise UserError(f"{cfg_file}: missing or malformed key {e}") from None
+    load_tokenizer(path, cfg.vocab_size)  # a broken or too large tokenizer stops here, before any work
+    return cfg
+
+
+def read_json(f, expected):
+    """The JSON object in file f, or one UserError naming the file: unreadable, not UTF-8, not JSON,
+    nested too deeply for Python's parser, or not an object (`expected` says what it should be)."""
+    try:
+        d = json.loads(Path(f).read_text(encoding="utf-8"))
+    except OSError as e:
+        raise UserError(f"{f}: cannot be read ({e.strerror})") from None
+    except UnicodeDecodeError as e:
+        raise UserError(f"{f}: not UTF-8 text (byte {e.start}), expected JSON") from None
+    except json.JSONDecodeError as e:
+        raise UserError(f"{f}: not valid JSON ({e})") from None
+    except RecursionError:
+        raise UserError(f"{f}: JSON nested too deeply, expected {expected}") from None
+    if not isinstance(d, dict):
+        raise UserError(f"{f}: a JSON {type(d).__name__}, expected {expected}")
+    return d
 
 
 def build_model(config, experts_on_disk=False):
@@ -242,7 +317,10 @@ class MappedFiles:
         count = math.prod(info.shape)
         if count == 0:
             return torch.empty(info.shape, dtype=info.dtype)
-        return torch.frombuffer(self.maps[info.file], dtype=info.dtype, count=count, offset=info.start).view(info.shape)
+        with warnings.catch_warnings():  # a read-only map is read only: torch's warning would precede an error line
+            warnings.filterwarnings("ignore", "The given buffer is not writable", UserWarning)
+            t = torch.frombuffer(self.maps[info.file], dtype=info.dtype, count=count, offset=info.start)
+        return t.view(info.shape)
 
 
 def checkpoint_tensors(path):
@@ -250,12 +328,13 @@ def checkpoint_tensors(path):
     path = Path(path)
     index = path / "model.safetensors.index.json"
     if index.exists():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
-            raise UserError(f"{index}: expected JSON with a 'weight_map' object ({e})") from None
+        weight_map = read_json(index, "an object with a 'weight_map'").get("weight_map")
         if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
             raise UserError(f"{index}: 'weight_map' must map tensor names to shard file names")
+        for name, shard in weight_map.items():  # a shard is a file of this folder: never a path out of it
+            if shard != Path(shard).name or shard in ("", ".", ".."):
+                raise UserError(f"{index}: weight_map entry {name!r} names shard {shard!r}, "
+                                f"expected a plain file name inside {path}")
         infos = {}
         for shard in sorted(set(weight_map.values())):
             if not (path / shard).is_file():
@@ -310,16 +389,16 @@ def load_model(path, device="cpu", dtype=torch.float32, experts_on_disk=False):
     the checkpoint has exactly the tensors the config implies, each with the right shape."""
     path = Path(path)
     cfg = read_config(path)
+    infos = checkpoint_tensors(path)
+    check_layers(cfg, infos, path)
     with torch.device("meta"):
         model = Transformer(cfg, experts_on_disk)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    infos = checkpoint_tensors(path)
     files, state = MappedFiles(), {}
     for name, info in infos.items():
-        parts = name.split(".")
         if name.endswith("_scale_inv") or name.endswith("rotary_emb.inv_freq"):
             continue  # FP8 scales are used with their weight; rotary buffers are recomputed
-        if name.startswith("model.layers.") and parts[2].isdigit() and int(parts[2]) >= cfg.num_hidden_layers:
+        if (layer_of(name) or 0) >= cfg.num_hidden_layers:
             continue  # DeepSeek-V3's multi-token-prediction layer (61) is not part of the decoder
         if experts_on_disk and is_routed_expert(name):
             continue
@@ -329,14 +408,16 @@ def load_model(path, device="cpu", dtype=torch.float32, experts_on_disk=False):
         if info.shape != expected[key]:
             raise UserError(f"{info.file}: tensor {name!r} has shape {list(info.shape)}, "
                                   f"config implies {list(expected[key])}")
+        check_float(info, name)
         t = files.tensor(info)
         if t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
             scale = infos.get(name + "_scale_inv")
             if scale is None:
                 raise UserError(f"{info.file}: FP8 tensor {name!r} has no {name + '_scale_inv'!r}")
-            t = dequantize_fp8(t, files.tensor(scale), cfg.fp8_block)
+            t = dequantize_fp8(t, files.tensor(check_float(scale, name + "_scale_inv")), cfg.fp8_block)
         keep_fp32 = name.endswith("e_score_correction_bias")  # tiny, and used for exact comparisons
         state[key] = t.to(device=device, dtype=torch.float32 if keep_fp32 else dtype)
+        check_finite(state[key], info, name)  # the one pass over the weights as they are read
     if cfg.tie_word_embeddings and "lm_head.weight" not in state and "model.embed_tokens.weight" in state:
         state["lm_head.weight"] = state["model.embed_tokens.weight"]
     missing = [k for k in expected if k not in state]
@@ -347,16 +428,65 @@ def load_model(path, device="cpu", dtype=torch.float32, experts_on_disk=False):
     return model.eval()
 
 
-def load_tokenizer(path):
-    """The checkpoint's tokenizer.json as a `tokenizers.Tokenizer`, or None when there is none."""
-    f = Path(path) / "tokenizer.json"
+def layer_of(name):
+    """The decoder layer a tensor name belongs to (model.layers.N.*), or None."""
+    parts = name.split(".")
+    return int(parts[2]) if name.startswith("model.layers.") and parts[2].isdigit() else None
+
+
+def check_layers(cfg, infos, path):
+    """Every layer the tensors hold is one of the config's, or one of the multi-token-prediction layers
+    that DeepSeek-V3 stores after them when the config declares them (num_nextn_predict_layers): a
+    config with too few layers must not load as a truncated model."""
+    last = cfg.num_hidden_layers + cfg.num_nextn_predict_layers
+    extra = max(((layer_of(n), n) for n in infos if (layer_of(n) or 0) >= last), default=None)
+    if extra is not None:
+        mtp = f" and num_nextn_predict_layers {cfg.num_nextn_predict_layers}" if cfg.num_nextn_predict_layers else ""
+        raise UserError(f"{path}: tensor {extra[1]!r} is in layer {extra[0]}, but config.json has num_hidden_layers "
+                        f"{cfg.num_hidden_layers}{mtp}; expected the config to account for every layer")
+
+
+DTYPE_NAMES = {v: k for k, v in SAFETENSORS_DTYPES.items()}
+
+
+def check_float(info, name):
+    """A weight stored as integers would be read as numbers of another kind: refused."""
+    if not info.dtype.is_floating_point:
+        raise UserError(f"{info.file}: tensor {name!r} is stored as {DTYPE_NAMES[info.dtype]}, "
+                        f"expected a floating-point dtype (F32, F16, BF16 or F8)")
+    return info
+
+
+def check_finite(t, info, name):
+    """A NaN or Inf weight turns every output into garbage without an error: refused by name. The minimum
+    and maximum carry any NaN or Inf, read in one pass without a mask as large as the tensor."""
+    if t.numel() and not torch.isfinite(torch.stack(torch.aminmax(t))).all():
+        raise UserError(f"{info.file}: tensor {name!r} holds NaN or infinite values, expected finite weights")
+
+
+def load_tokenizer(path, vocab_size=None):
+    """The checkpoint's tokenizer.json as a `tokenizers.Tokenizer`, or None when there is none; checked with
+    its tokenizer_config.json (read by data.py): both parse, the eos_token is a string, and every token id
+    fits the model's `vocab_size` (an id beyond it would index past the embedding)."""
+    folder = Path(path)
+    if (folder / "tokenizer_config.json").is_file():
+        eos = read_json(folder / "tokenizer_config.json", "an object of tokenizer settings").get("eos_token")
+        if not isinstance(eos.get("content") if isinstance(eos, dict) else (eos or ""), str):
+            raise UserError(f"{folder / 'tokenizer_config.json'}: eos_token is {eos!r}, expected a string or "
+                            f"an object with a 'content' string")
+    f = folder / "tokenizer.json"
     if not f.is_file():
         return None
     from tokenizers import Tokenizer
     try:
-        return Tokenizer.from_file(str(f))
+        tok = Tokenizer.from_file(str(f))
     except Exception as e:  # tokenizers raises a bare Exception on malformed files
-        raise UserError(f"{f}: not a valid tokenizer.json ({str(e).splitlines()[0]})") from None
+        raise UserError(f"{f}: not a valid tokenizer.json ({(str(e).splitlines() or [type(e).__name__])[0]})") from None
+    n = max(tok.get_vocab(with_added_tokens=True).values(), default=-1) + 1
+    if vocab_size is not None and n > vocab_size:
+        raise UserError(f"{f}: the tokenizer has {n} token ids (0..{n - 1}), more than the model's vocab_size "
+                        f"{vocab_size}; expected a tokenizer that fits the model")
+    return tok
 
 
 def save_model(model, out_dir, config_dict, files=None):

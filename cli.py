@@ -45,7 +45,10 @@ def user_errors():
     try:
         yield
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        message = str(e)
+        if len(message) > 300:  # e.g. a 200 KB tensor name: keep the start and the end, at most 300 characters
+            message = f"{message[:200]}...{message[-97:]}"
+        print(f"error: {message}", file=sys.stderr)
         sys.exit(2)
 
 

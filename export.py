@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from checkpoint import load_model, read_config, stored_dtype
+from checkpoint import load_model, load_tokenizer, read_config, stored_dtype
 from cli import ArgumentParser, UserError, atomic_write, user_errors
 from model import rope_frequencies, yarn_mscale
 
@@ -306,11 +306,9 @@ def read_tokenizer(folder, vocab_size, config):
     f = Path(folder) / "tokenizer.json"
     if not f.is_file():
         raise UserError(f"{folder}: no tokenizer.json; a GGUF carries its tokenizer")
-    try:
-        spec = json.loads(f.read_text())
-        model, pre = spec.get("model") or {}, spec.get("pre_tokenizer") or {}
-    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
-        raise UserError(f"{f}: not a tokenizer.json ({e})") from None
+    load_tokenizer(folder, vocab_size)  # parses as the tokenizers library does: ids >= 0 that fit vocab_size
+    spec = json.loads(f.read_text())
+    model, pre = spec.get("model") or {}, spec.get("pre_tokenizer") or {}
     if (model.get("type") != "BPE" or pre.get("type") != "ByteLevel" or not pre.get("use_regex", True)
             or pre.get("add_prefix_space") or spec.get("normalizer") or model.get("byte_fallback")):
         raise UserError(f"{f}: export.py writes byte-level BPE with GPT-2's split only (got model "
@@ -319,8 +317,6 @@ def read_tokenizer(folder, vocab_size, config):
     ids = dict(model["vocab"])
     added = {t["content"]: t for t in spec.get("added_tokens", [])}
     ids.update({tok: t["id"] for tok, t in added.items()})
-    if max(ids.values()) >= vocab_size:
-        raise UserError(f"{f}: token id {max(ids.values())} does not fit the model's vocab_size {vocab_size}")
     T = gguf.TokenType
     tokens, types = [f"[PAD{i}]" for i in range(vocab_size)], [T.UNUSED] * vocab_size  # rows no token uses
     for tok, i in ids.items():

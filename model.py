@@ -65,6 +65,7 @@ class ModelConfig:
     shared_intermediate_size: int = 0  # width of the shared expert(s); 0 = none
     shared_expert_gate: bool = False  # Qwen2-MoE: shared expert scaled by sigmoid(shared_expert_gate(x))
     moe_layers: list = field(default_factory=list)
+    num_nextn_predict_layers: int = 0  # DeepSeek-V3: multi-token-prediction layers stored after the decoder, not run
     # routing
     scoring_func: str = "softmax"     # "softmax" (most) or "sigmoid" (DeepSeek-V3)
     topk_method: str = "greedy"       # "greedy", "group_limited_greedy" (V2), "noaux_tc" (V3)

@@ -98,9 +98,12 @@ class ExpertStore:
                     if info.shape != shapes[proj]:
                         raise cli.UserError(f"{info.file}: tensor {name!r} has shape {list(info.shape)}, "
                                             f"config implies {list(shapes[proj])}")
+                    checkpoint.check_float(info, name)
                     scale = infos.get(name + "_scale_inv") if info.dtype in FP8_DTYPES else None
                     if info.dtype in FP8_DTYPES and scale is None:
                         raise cli.UserError(f"{info.file}: FP8 tensor {name!r} has no {name + '_scale_inv'!r}")
+                    if scale is not None:
+                        checkpoint.check_float(scale, name + "_scale_inv")
                     parts.append((info, scale))
                 index[(layer, e)] = parts
         return index
@@ -183,8 +186,10 @@ class ExpertStore:
     def read_into(self, layer, expert, out):
         """Copy expert `expert` of MoE layer `layer` into `out` = (gate (F, D), up (F, D), down (D, F)),
         converting to their dtype: FP8 is dequantized with its block scales, bf16 becomes float32 on CPU.
-        Safe to call from several threads at once (each has its own O_DIRECT buffer)."""
-        for (info, scale), dst in zip(self.parts[(layer, expert)], out):
+        Safe to call from several threads at once (each has its own O_DIRECT buffer). An expert with a
+        NaN or Inf weight is refused here, when it is read: scanning every expert at load would read the
+        whole disk and defeat offloading."""
+        for (info, scale), dst, proj in zip(self.parts[(layer, expert)], out, EXPERT_PROJS):
             if scale is not None:
                 s = self._view(scale).clone()  # read first: the weight's read may reuse the buffer
                 self._release(scale)
@@ -192,6 +197,7 @@ class ExpertStore:
             else:
                 dst.copy_(self._view(info))
             self._release(info)
+            checkpoint.check_finite(dst, info, self._name(layer, expert, proj))
         self._count(0, experts=1)
 
     def read(self, layer, expert, dtype=torch.float32):

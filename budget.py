@@ -30,7 +30,7 @@ from store import expert_shapes
 
 UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
          "KiB": 2**10, "MiB": 2**20, "GiB": 2**30, "TiB": 2**40}
-MARGIN_FRACTION, MARGIN_FLOOR = 0.05, 2**20
+MARGIN_PARTS, MARGIN_FLOOR = 20, 2**20  # a twentieth (5%) of the budget, at least 1 MiB
 MARGIN_TEXT = "5% of the budget, at least 1 MiB: activations, the rope table, the allocator's rounding"
 
 
@@ -45,21 +45,22 @@ def parse_size(text, flag="--budget"):
 
 
 def format_size(n, unit):
-    return f"{n} B" if unit == "B" else f"{n / UNITS[unit]:.4g} {unit}"
+    v = n / UNITS[unit]
+    return f"{v:.4g} {unit}" if abs(v) < 1000 else f"{v:,.0f} {unit}"
 
 
 def free_memory(device):
     """--budget auto: (bytes free now, unit): on a GPU what the driver reports free, on the CPU MemAvailable."""
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0], "MB"
-    try:
-        return proc_bytes("/proc/meminfo", "MemAvailable"), "MB"
-    except (OSError, KeyError, ValueError):
-        raise UserError("--budget auto: cannot read MemAvailable from /proc/meminfo; give a size such as 6GB") from None
+    free = proc_sizes("/proc/meminfo").get("MemAvailable")
+    if free is None:
+        raise UserError("--budget auto: cannot read MemAvailable from /proc/meminfo; give a size such as 6GB")
+    return free, "MB"
 
 
 def margin_bytes(budget):
-    return max(math.ceil(budget * MARGIN_FRACTION), MARGIN_FLOOR)
+    return max(-(-budget // MARGIN_PARTS), MARGIN_FLOOR)  # -(-a // b): a / b rounded up, in integers
 
 
 # ----------------------------------------------------------------------------------------------
@@ -141,7 +142,7 @@ def plan(budget, cfg, store, device, dtype, positions, threads):
     if cache < 1:
         need = minimum_budget(replace(split, cache=1).total - split.margin)
         f = (lambda n: format_size(n, unit))
-        shown = f"{need} B" if unit == "B" else f"{math.ceil(need / UNITS[unit] * 100) / 100:.2f}{unit}"
+        shown = f"{need}B" if unit == "B" else f"{math.ceil(need / UNITS[unit] * 100) / 100:.2f}{unit}"
         raise UserError(f"--budget {budget} is too small: the resident weights ({f(split.resident)}), one expert per "
                         f"MoE layer ({split.layers} x {f(split.expert)}), the KV cache ({f(split.kv)}), "
                         f"the read buffers ({f(split.read_buffers)}) and the margin need at least {shown}")
@@ -200,53 +201,51 @@ def anonymous(m):
         return True
 
 
-def proc_bytes(path, key):
-    """A "Key: N kB" line of a /proc file, in bytes."""
-    with open(path) as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) * 1024
-    raise KeyError(key)
+def proc_sizes(path):
+    """The "Key: N kB" lines of a /proc file (meminfo, self/status) in bytes, or {} where there is none."""
+    try:
+        with open(path) as f:
+            return {k: int(v.split()[0]) * 1024 for k, v in (line.split(":", 1) for line in f) if v.strip().endswith("kB")}
+    except OSError:
+        return {}
 
 
 class MemoryWatch:
-    """The process's memory, measured: started before the model loads, read after decoding. RSS growth and
-    its peak (Linux; the whole process: also Python objects, threads, the allocator's free lists) and, on
-    CUDA, torch's peak of allocated device memory (activations too)."""
+    """The process's memory, measured: started before the model loads, read after decoding. Resident set
+    growth (Linux), split into anonymous memory (tensors, Python objects, the allocator's free lists) and
+    file pages (the checkpoint's weights where they stay memory-mapped, torch's code as each kernel is first
+    used), with its peak; on CUDA torch's peak of allocated device memory (activations too)."""
+
+    KEYS = ("VmRSS", "RssAnon", "RssFile")
 
     def __init__(self, device):
         self.device = torch.device(device)
         with torch.device("meta"):  # torch imports its meta kernels (with sympy: ~75 MB) on first use, as the
             nn.Embedding(1, 1)      # engine's model is built: before the baseline, so that growth is the engine's
-        self.rss = self._status("VmRSS")
+        self.start = proc_sizes("/proc/self/status")
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
 
-    @staticmethod
-    def _status(key):
-        try:
-            return proc_bytes("/proc/self/status", key)
-        except (OSError, KeyError, ValueError):
-            return None
-
     def figures(self, held):
-        rss, peak = self._status("VmRSS"), self._status("VmHWM")
-        out = dict(held_bytes=held, rss_growth_bytes=rss - self.rss if None not in (rss, self.rss) else None,
-                   peak_rss_growth_bytes=peak - self.rss if None not in (peak, self.rss) else None)
+        now, out = proc_sizes("/proc/self/status"), {"held_bytes": held}
+        if all(k in now and k in self.start for k in self.KEYS + ("VmHWM",)):
+            out.update({f"{k}_growth_bytes": now[k] - self.start[k] for k in self.KEYS})
+            out["VmHWM_growth_bytes"] = now["VmHWM"] - self.start["VmRSS"]  # peak RSS since, over RSS at the start
         if self.device.type == "cuda":
             out["cuda_max_allocated_bytes"] = torch.cuda.max_memory_allocated(self.device)
         return out
 
     def describe(self, held, split=None):
         unit = split.unit if split is not None else "MB"
-        x = self.figures(held)
-        text = (f"measured: tensors held {format_size(held, unit)} (every tensor reachable from the engine and its KV "
-                f"cache, once: weights, slots, KV cache, rope table, read buffers)")
+        x, f = self.figures(held), (lambda n: format_size(n, unit))
+        text = (f"measured: tensors held {f(held)} (every tensor storage reachable from the engine and its KV cache, "
+                f"once: weights, slots, KV cache, rope table, read buffers)")
         if split is not None:
-            text += f", {'within' if held <= split.budget else 'OVER'} the budget {format_size(split.budget, unit)}"
-        if x["rss_growth_bytes"] is not None:
-            text += (f" | process RSS grew {format_size(x['rss_growth_bytes'], unit)} since before loading, peak "
-                     f"{format_size(x['peak_rss_growth_bytes'], unit)} (also Python objects, threads, free lists)")
+            text += f", {'within' if held <= split.budget else 'OVER'} the budget {f(split.budget)}"
+        if "VmRSS_growth_bytes" in x:
+            text += (f" | process RSS grew {f(x['VmRSS_growth_bytes'])} since before loading (peak "
+                     f"{f(x['VmHWM_growth_bytes'])}): anonymous {f(x['RssAnon_growth_bytes'])} (tensors, Python "
+                     f"objects, free lists), file pages {f(x['RssFile_growth_bytes'])} (mapped weights, torch's code)")
         if "cuda_max_allocated_bytes" in x:
-            text += f" | CUDA max allocated {format_size(x['cuda_max_allocated_bytes'], unit)} (activations too)"
+            text += f" | CUDA max allocated {f(x['cuda_max_allocated_bytes'])} (activations too)"
         return text

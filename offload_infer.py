@@ -1,6 +1,6 @@
 """
 offload_infer.py: decode a MoE model whose routed experts stay on disk, holding only `--cache` experts
-per MoE layer in preallocated slots.
+per MoE layer in preallocated slots (or as many as fit in `--budget`: budget.py).
 
 What it teaches: offloading is a different *experts provider* inside each MoE layer, not a different
 model. model.py's MoE layer asks its provider for the experts its router chose; `OffloadedExperts`
@@ -11,6 +11,7 @@ sequences, quantized compute, multi-GPU. The benchmarks of this engine are in be
 
     python offload_infer.py --prompt "def main():" --max-new-tokens 40    # CPU or GPU, cache 8, sampled
     python offload_infer.py --cache 4 --policy lfu --io direct --temperature 0 --json runs/decode.json
+    python offload_infer.py --budget 15MB --json runs/decode.json           # the largest cache that fits 15 MB
     python offload_infer.py --cache 32 --compile                           # every expert resident, compiled
 
 Shapes: T tokens in the step, D hidden, E routed experts, K top-k, F expert width, C slots per layer.

@@ -200,3 +200,23 @@ def test_per_layer_counts_sum_to_totals_and_equal_a_recount(policy, tiny, capsys
     assert sum(c.bytes_read for c in layers) == decode.bytes_read > 0
     assert report.hit_rate == pytest.approx(decode.hits / (decode.hits + decode.misses))
     assert all(c.tokens == new - 1 and c.hits + c.misses == cfg.num_experts_per_tok * (new - 1) for c in layers)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_budget_counts_the_pinned_staging_buffers(tiny):
+    """On CUDA the loader holds one pinned host copy of an expert per read in flight: the split counts them
+    (with mmap's file pages), and the tensors held after decoding (weights, slots, KV cache on the GPU, the
+    pinned copies) stay within the budget."""
+    _, path = tiny(MAIN)
+    cfg = checkpoint.read_config(path)
+    prompt, new = random_ids(cfg.vocab_size, 1, 5)[0].tolist(), 6
+    watch = budget.MemoryWatch("cuda")
+    engine = oi.OffloadEngine(path, oi.OffloadConfig(device="cuda", budget="2MB", positions=len(prompt) + new))
+    _, report = engine.generate(prompt, new)
+    engine.close()
+    split, threads = engine.split, oi.ExpertLoader.READ_THREADS
+    assert 1 <= engine.opts.cache == split.cache <= cfg.n_routed_experts
+    assert engine.loader.nbytes == threads * budget.expert_bytes(cfg, engine.dtype)
+    assert split.read_buffers == engine.loader.nbytes + threads * engine.store.expert_bytes
+    assert split.resident + split.slots + split.kv <= report.held_bytes <= split.budget
+    assert watch.figures(report.held_bytes)["cuda_max_allocated_bytes"] > split.slots

@@ -5,8 +5,8 @@ experts), the KV cache for the requested length, the read buffers, and a margin;
 slots, the same number in every MoE layer: the largest number that fits. `plan` makes that choice and
 returns the `Split`; `held_bytes` and `MemoryWatch` measure what the engine then really holds.
 
-offload_infer.py --budget calls it. Follows the practice of llama.cpp and vLLM (weights, then KV cache,
-then what remains); leaves out activations (one sequence's are small: the margin covers them, the rope
+offload_infer.py --budget calls it. Sizes the cache as vLLM sizes its KV cache (what is fixed first, the
+cache from what remains); leaves out activations (one sequence's are small: the margin covers them, the rope
 table and the allocator's rounding) and any cache size that differs between layers.
 
 Sizes: KB, MB, GB, TB are powers of 1000 (as disks are sold); KiB, MiB, GiB, TiB powers of 1024.

@@ -502,9 +502,9 @@ def parse_args(argv=None):
     g.add_argument("--seed", type=int, default=0, help="sampling seed (default: %(default)s)")
     g = p.add_argument_group("expert cache")
     g.add_argument("--cache", type=int, default=None, help=f"experts per MoE layer in memory (default: {d.cache})")
-    g.add_argument("--budget", default=None, help="instead of --cache: memory for the whole engine (15MB, 6GB, 512MiB; "
-                   "KB/MB/GB = 1000^n, KiB/MiB/GiB = 1024^n; auto: free GPU memory, or MemAvailable on the CPU); the "
-                   f"largest cache that fits after weights, KV cache, read buffers and a margin ({budget.MARGIN_TEXT})")
+    g.add_argument("--budget", default=None, help="instead of --cache: memory for the engine (15MB, 6GB: 1000^n B; "
+                   "512MiB: 1024^n B; auto: free GPU memory, or MemAvailable on the CPU): the largest cache that fits "
+                   "after weights, KV cache, read buffers and a margin (" + budget.MARGIN_TEXT.replace("%", "%%") + ")")
     g.add_argument("--policy", choices=("lru", "lfu"), default=d.policy, help="eviction policy (default: %(default)s)")
     g.add_argument("--io", choices=("mmap", "direct"), default=d.io, help="mmap or O_DIRECT (default: %(default)s)")
     g.add_argument("--cache-bias", type=float, default=d.cache_bias,

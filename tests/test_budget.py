@@ -166,6 +166,13 @@ def test_cli_budget_picks_the_cache_and_stays_within_it(tiny, tmp_path, capsys):
     assert "within the budget" in printed.out and "measured: tensors held" in printed.out
 
 
+def test_help_states_the_units_and_the_margin(capsys):
+    with pytest.raises(SystemExit):
+        oi.parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "512MiB: 1024^n B" in text and budget.MARGIN_TEXT in text
+
+
 def test_cli_budget_errors_are_one_line(tiny):
     _, path = tiny(MAIN)
     base = ["--model", str(path), "--prompt-ids", "1,2,3"]

@@ -205,7 +205,8 @@ def proc_sizes(path):
     """The "Key: N kB" lines of a /proc file (meminfo, self/status) in bytes, or {} where there is none."""
     try:
         with open(path) as f:
-            return {k: int(v.split()[0]) * 1024 for k, v in (line.split(":", 1) for line in f) if v.strip().endswith("kB")}
+            pairs = [line.split(":", 1) for line in f]
+        return {k: int(v.split()[0]) * 1024 for k, v in pairs if v.strip().endswith("kB")}
     except OSError:
         return {}
 

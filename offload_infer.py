@@ -550,7 +550,7 @@ def main(argv=None):
         # every check on user input comes before the (slow) load
         cfg = checkpoint.read_config(args.model)
         if args.budget is not None and (args.cache is not None or args.compile):
-            raise UserError("--budget picks the cache size: give --budget or --cache (--compile needs --cache), not both")
+            raise UserError("--budget picks the cache: give --budget or --cache (--compile needs --cache), not both")
         check_cache_size(cfg, opts.cache if args.budget is None else 1)
         if args.temperature < 0:
             raise UserError(f"--temperature must be >= 0, got {args.temperature}")

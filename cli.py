@@ -205,3 +205,39 @@ def config_from_flags(cls, args, **given):
     """A config dataclass whose fields come from the parsed flags of the same name, except those `given`
     (the flags' defaults are the dataclass's own, so each default is declared once)."""
     return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)} | given)
+
+
+# ----------------------------------------------------------------------------------------------
+# Prompts in, text out: the generating scripts' ends
+
+def prompt_token_ids(args, tok, vocab_size):
+    """The prompt's token ids: --prompt-ids as given (checked against the vocabulary), else --prompt encoded."""
+    if args.prompt_ids is not None:
+        try:
+            ids = [int(t) for t in args.prompt_ids.split(",") if t.strip()]
+        except ValueError:
+            raise UserError(f"--prompt-ids must be comma-separated integers, got {args.prompt_ids!r}") from None
+        bad = [t for t in ids if not 0 <= t < vocab_size]
+        if bad:
+            raise UserError(f"--prompt-ids must be in 0..{vocab_size - 1}, got {bad[0]}")
+        return ids
+    if tok is None:
+        raise UserError(f"{args.model}: no tokenizer.json to encode --prompt; pass --prompt-ids instead")
+    return tok.encode(args.prompt).ids
+
+
+class TextStream:
+    """Prints generated text as it comes, holding back a token that ends inside a UTF-8 character."""
+
+    def __init__(self, tok):
+        self.tok, self.ids, self.shown = tok, [], 0
+
+    def __call__(self, token):
+        self.ids.append(token)
+        if self.tok is None:
+            print(f" {token}", end="", flush=True)
+            return
+        text = self.tok.decode(self.ids)
+        if not text.endswith("\ufffd"):
+            print(text[self.shown:], end="", flush=True)
+            self.shown = len(text)

@@ -178,8 +178,8 @@ class KVCache:
 
     visible = None  # every position kept so far is in the past of the new tokens: attention is causal
 
-    def __init__(self):
-        self.buffers, self.length = {}, 0
+    def __init__(self, reserve=16):
+        self.buffers, self.length, self.reserve = {}, 0, reserve  # positions allocated by the first update
 
     def positions(self, T, device):
         """(positions of the next T tokens (T,), an upper bound on them): what rotary embeddings need."""
@@ -194,7 +194,7 @@ class KVCache:
         start, end = self.length, self.length + new[0].shape[-2]
         old = self.buffers.get(layer)
         if old is None or old[0].shape[-2] < end:
-            size = max(end, 2 * old[0].shape[-2] if old else 16)
+            size = max(end, 2 * old[0].shape[-2] if old else self.reserve)
             grown = [t.new_empty(*t.shape[:-2], size, t.shape[-1]) for t in new]
             for g, o in zip(grown, old or []):
                 g[..., :start, :] = o[..., :start, :]

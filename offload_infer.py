@@ -1,6 +1,6 @@
 """
 offload_infer.py: decode a MoE model whose routed experts stay on disk, holding only `--cache` experts
-per MoE layer in preallocated slots.
+per MoE layer in preallocated slots (or as many as fit in `--budget`: budget.py).
 
 What it teaches: offloading is a different *experts provider* inside each MoE layer, not a different
 model. model.py's MoE layer asks its provider for the experts its router chose; `OffloadedExperts`
@@ -11,6 +11,7 @@ sequences, quantized compute, multi-GPU. The benchmarks of this engine are in be
 
     python offload_infer.py --prompt "def main():" --max-new-tokens 40    # CPU or GPU, cache 8, sampled
     python offload_infer.py --cache 4 --policy lfu --io direct --temperature 0 --json runs/decode.json
+    python offload_infer.py --budget 15MB --json runs/decode.json           # the largest cache that fits 15 MB
     python offload_infer.py --cache 32 --compile                           # every expert resident, compiled
 
 Shapes: T tokens in the step, D hidden, E routed experts, K top-k, F expert width, C slots per layer.
@@ -20,13 +21,14 @@ import queue
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from functools import partial
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 
+import budget
 import checkpoint
 import cli
 import model
@@ -48,6 +50,8 @@ class OffloadConfig:
     cache_margin: float = 0.0      # ... and fill the other K - J with cached experts within this score margin
     prefetch: bool = False     # load the next MoE layer's predicted experts while this layer computes
     compile: bool = False      # every expert resident (cache = E): compile the decode step with torch.compile
+    budget: str | None = None  # "15MB", "6GB", "512MiB" or "auto": the memory that picks `cache` (budget.py)
+    positions: int = 0         # with a budget: the KV cache length to leave room for (prompt + new tokens)
 
 
 def check_cache_size(cfg, capacity):
@@ -213,7 +217,7 @@ class OffloadedExperts(nn.Module):
         hits = 0
         for group in groups:
             accesses = [self.cache.access(e, protect) for e in group]
-            self.loader.load_many(self.layer, [a for a in accesses if not a.hit], self.slots)
+            self.load([a for a in accesses if not a.hit])
             for a in accesses:
                 hits += a.hit
                 yield a.expert, a.slot
@@ -246,12 +250,18 @@ class OffloadedExperts(nn.Module):
             self.after(self.layer, x)
         return y
 
+    def load(self, misses):
+        """Read these cache.Access misses into their slots; the bytes read count against this layer."""
+        before = self.loader.store.bytes_read
+        self.loader.load_many(self.layer, misses, self.slots)
+        self.record.steps[-1].layer_bytes[self.layer] += self.loader.store.bytes_read - before
+
     def prefetch(self, experts):
         """Load `experts` ahead, if not cached; not counted as requests."""
         protect = step_protect(experts, self.cache.capacity)
         for e in experts:
             if e not in self.cache.slot_of:
-                self.loader.load_many(self.layer, [self.cache.access(e, protect, use=False)], self.slots)
+                self.load([self.cache.access(e, protect, use=False)])
                 self.record.steps[-1].prefetched += 1
 
 
@@ -287,8 +297,8 @@ class OffloadEngine:
         self.opts = opts = opts or OffloadConfig()
         self.path = Path(path)
         cfg = self.cfg = checkpoint.read_config(self.path)
-        check_cache_size(cfg, opts.cache)
-        if opts.compile and opts.cache != cfg.n_routed_experts:
+        check_cache_size(cfg, opts.cache if opts.budget is None else 1)
+        if opts.compile and (opts.cache != cfg.n_routed_experts or opts.budget is not None):
             raise UserError(f"--compile needs every expert resident (--cache {cfg.n_routed_experts}), got --cache "
                             f"{opts.cache}: an offloaded layer reads its misses from disk between its router and its "
                             f"experts, which a compiled step cannot pause for")
@@ -302,6 +312,9 @@ class OffloadEngine:
         self.store = ExpertStore(self.path, cfg, opts.io)
         self.device, self.device_reason = cli.pick_device(opts.device)
         self.dtype, self.dtype_reason = cli.pick_dtype(self.device, checkpoint.stored_dtype(self.path), opts.dtype)
+        self.split = None if opts.budget is None else budget.plan(  # the largest cache that fits, before the load
+            opts.budget, cfg, self.store, self.device, self.dtype, opts.positions, ExpertLoader.READ_THREADS)
+        self.opts = opts = opts if self.split is None else replace(opts, cache=self.split.cache)
         self.model = checkpoint.load_model(self.path, self.device, self.dtype, experts_on_disk=True)
         self.store.drop_page_cache()  # a miss must be a read, even right after the checkpoint was written
         self.record, self.resident = Record(), False
@@ -369,7 +382,7 @@ class OffloadEngine:
         """A KV cache for `length` positions: a growing model.KVCache, or with --compile a fixed-size one,
         rounded up to a power of two (so a few compiled sizes serve every request) and kept for reuse."""
         if not self.opts.compile:
-            return model.KVCache()
+            return model.KVCache(length)  # all of it now: it never grows (and never copies) past its budget
         size = min(max(256, 1 << (length - 1).bit_length()), self.cfg.max_position_embeddings)
         if size not in self.static_caches:
             kv, token = model.StaticKVCache(size, self.device), torch.zeros(1, 1, dtype=torch.long, device=self.device)
@@ -397,17 +410,14 @@ class OffloadEngine:
         """ids (1, T) -> logits (1, T, V): one forward pass of model.py's model, recorded as one Step."""
         step = Step(tokens=ids.shape[1])
         self.record.steps.append(step)
-        before = self.store.bytes_read
         if isinstance(kv, model.StaticKVCache):
             kv.seek(kv.length, ids.shape[1])  # outside the compiled step: this pass's positions
         if self.compiled is not None and ids.shape[1] == 1:
             graph = self.static_caches[kv.max_len][1]
             logits = graph(ids) if graph is not None else self.compiled(ids, kv_cache=kv)
             step.hits, step.misses = [self.cfg.num_experts_per_tok] * len(self.moes), [0] * len(self.moes)
-        else:
-            logits = self.model(ids, kv_cache=kv)
-        step.bytes_read = self.store.bytes_read - before
-        return logits
+            return logits
+        return self.model(ids, kv_cache=kv)
 
     def _prefetch_next(self, layer, x):
         """After MoE layer `layer` computed on x (one decode token), load what the next MoE layer's
@@ -448,7 +458,8 @@ class OffloadEngine:
             hit_rate=dec.hit_rate, loads_per_token=dec.misses_per_token, mb_read_per_token=dec.mb_per_token,
             prefill_loads=pre.misses, prefill_mb=pre.bytes_read / 1e6,
             prefetch_loads=self.record.totals(first).prefetched, expert_memory_mb=self.expert_memory_bytes / 1e6,
-            peak_rss_mb=peak_rss / 1e6 if peak_rss is not None else None, agreement=dec.agreement, kl=dec.kl)
+            peak_rss_mb=peak_rss / 1e6 if peak_rss is not None else None, agreement=dec.agreement, kl=dec.kl,
+            held_bytes=budget.held_bytes(self, kv), per_layer=self.record.per_layer([m.layer for m in self.moes], first + 1))
         out = torch.cat([ids, torch.tensor([tokens], device=self.device)], dim=1)
         return out, report
 
@@ -473,23 +484,6 @@ class OffloadEngine:
 # ----------------------------------------------------------------------------------------------
 # Command line
 
-class TextStream:
-    """Prints generated text as it comes, holding back a token that ends inside a UTF-8 character."""
-
-    def __init__(self, tok):
-        self.tok, self.ids, self.shown = tok, [], 0
-
-    def __call__(self, token):
-        self.ids.append(token)
-        if self.tok is None:
-            print(f" {token}", end="", flush=True)
-            return
-        text = self.tok.decode(self.ids)
-        if not text.endswith("\ufffd"):
-            print(text[self.shown:], end="", flush=True)
-            self.shown = len(text)
-
-
 def parse_args(argv=None):
     d = OffloadConfig()
     p = cli.ArgumentParser(description="Decode with routed experts on disk and an expert cache per MoE layer.")
@@ -505,7 +499,10 @@ def parse_args(argv=None):
     g.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass (default: %(default)s)")
     g.add_argument("--seed", type=int, default=0, help="sampling seed (default: %(default)s)")
     g = p.add_argument_group("expert cache")
-    g.add_argument("--cache", type=int, default=d.cache, help="experts per MoE layer in memory (default: %(default)s)")
+    g.add_argument("--cache", type=int, default=None, help=f"experts per MoE layer in memory (default: {d.cache})")
+    g.add_argument("--budget", default=None, help="instead of --cache: memory for the engine (15MB, 6GB: 1000^n B; "
+                   "512MiB: 1024^n B; auto: free GPU memory, or MemAvailable on the CPU): the largest cache that fits "
+                   "after weights, KV cache, read buffers and a margin (" + budget.MARGIN_TEXT.replace("%", "%%") + ")")
     g.add_argument("--policy", choices=("lru", "lfu"), default=d.policy, help="eviction policy (default: %(default)s)")
     g.add_argument("--io", choices=("mmap", "direct"), default=d.io, help="mmap or O_DIRECT (default: %(default)s)")
     g.add_argument("--cache-bias", type=float, default=d.cache_bias,
@@ -528,40 +525,29 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def prompt_token_ids(args, tok, cfg):
-    if args.prompt_ids is not None:
-        try:
-            ids = [int(t) for t in args.prompt_ids.split(",") if t.strip()]
-        except ValueError:
-            raise UserError(f"--prompt-ids must be comma-separated integers, got {args.prompt_ids!r}") from None
-        bad = [t for t in ids if not 0 <= t < cfg.vocab_size]
-        if bad:
-            raise UserError(f"--prompt-ids must be in 0..{cfg.vocab_size - 1}, got {bad[0]}")
-        return ids
-    if tok is None:
-        raise UserError(f"{args.model}: no tokenizer.json to encode --prompt; pass --prompt-ids instead")
-    return tok.encode(args.prompt).ids
-
-
 def main(argv=None):
     args = parse_args(argv)
     args.model = args.model or str(cli.default_model_dir())
-    opts = OffloadConfig(cache=args.cache, policy=args.policy, io=args.io, device=args.device, dtype=args.dtype,
-                         cache_bias=args.cache_bias, cache_keep=args.cache_keep, cache_margin=args.cache_margin,
-                         prefetch=args.prefetch, compile=args.compile)
+    opts = OffloadConfig(cache=OffloadConfig.cache if args.cache is None else args.cache, policy=args.policy,
+                         io=args.io, device=args.device, dtype=args.dtype, cache_bias=args.cache_bias,
+                         cache_keep=args.cache_keep, cache_margin=args.cache_margin, prefetch=args.prefetch,
+                         compile=args.compile, budget=args.budget)
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     with cli.user_errors():
         # every check on user input comes before the (slow) load
         cfg = checkpoint.read_config(args.model)
-        check_cache_size(cfg, args.cache)
+        if args.budget is not None and (args.cache is not None or args.compile):
+            raise UserError("--budget picks the cache: give --budget or --cache (--compile needs --cache), not both")
+        check_cache_size(cfg, opts.cache if args.budget is None else 1)
         if args.temperature < 0:
             raise UserError(f"--temperature must be >= 0, got {args.temperature}")
         if not 0 < args.top_p <= 1:
             raise UserError(f"--top-p must be in (0, 1], got {args.top_p}")
         tok = checkpoint.load_tokenizer(args.model)
-        prompt = prompt_token_ids(args, tok, cfg)
+        prompt = cli.prompt_token_ids(args, tok, cfg.vocab_size)
         cli.check_prompt(len(prompt), args.max_new_tokens, cfg.max_position_embeddings)
+        opts.positions, watch = len(prompt) + args.max_new_tokens, budget.MemoryWatch(cli.pick_device(args.device)[0])
         if args.compile and args.cache == cfg.n_routed_experts:  # (else the engine refuses, in one line)
             print("compiling the decode step (torch.compile: tens of seconds the first time)", file=sys.stderr)
         engine = OffloadEngine(args.model, opts)
@@ -570,13 +556,15 @@ def main(argv=None):
           f"{torch.get_num_threads()} CPU threads", file=sys.stderr)
     if engine.store.fallback:
         print(f"note: {engine.store.fallback}", file=sys.stderr)
+    if engine.split is not None:
+        print(engine.split.describe(), file=sys.stderr)
     print(f"{args.model}: {cfg.model_type}, {len(cfg.moe_layers)} MoE layers x {cfg.n_routed_experts} experts "
-          f"(top-{cfg.num_experts_per_tok}), cache {args.cache}/layer, {args.policy}, io {engine.store.io}; "
+          f"(top-{cfg.num_experts_per_tok}), cache {engine.opts.cache}/layer, {args.policy}, io {engine.store.io}; "
           + (f"temperature {args.temperature:g}, top-p {args.top_p:g}, seed {args.seed}" if args.temperature
              else "greedy"), file=sys.stderr)
     print(tok.decode(prompt) if tok is not None else " ".join(map(str, prompt)), end="", flush=True)
     gen = torch.Generator(device=engine.device).manual_seed(args.seed)
-    _, r = engine.generate(prompt, args.max_new_tokens, args.temperature, args.top_p, gen, TextStream(tok))
+    _, r = engine.generate(prompt, args.max_new_tokens, args.temperature, args.top_p, gen, cli.TextStream(tok))
     engine.close()
     print()
     print(f"time to first token {r.ttft_s * 1e3:.1f} ms | {r.time_per_token_s * 1e3:.2f} ms/token | "
@@ -585,10 +573,14 @@ def main(argv=None):
           f"{r.mb_read_per_token:.3f} MB read/token | peak resident expert memory {r.expert_memory_mb:.2f} MB"
           + (f" | peak RSS {r.peak_rss_mb:.0f} MB" if r.peak_rss_mb is not None else "")
           + f" | agreement with the true top-k {r.agreement:.3f}, KL {r.kl:.4f}")
+    print("decode steps per MoE layer: " + " | ".join(f"layer {c.layer} {c.hits} hits {c.misses} misses "
+                                                      f"{c.bytes_read / 1e6:.3f} MB read" for c in r.per_layer))
+    print(watch.describe(r.held_bytes, engine.split))
     if args.json:
-        figures = dict(model=str(args.model), **asdict(opts), **asdict(r))
+        figures = dict(model=str(args.model), **asdict(engine.opts), **asdict(r))
         figures.update(device=str(engine.device), dtype=dtype, threads=torch.get_num_threads(),
-                       temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+                       temperature=args.temperature, top_p=args.top_p, seed=args.seed,
+                       memory=watch.figures(r.held_bytes), split=engine.split.figures() if engine.split else None)
         cli.write_json(args.json, figures)
 
 

@@ -6,6 +6,7 @@ them, bench.py reads them.
 """
 
 import os
+from collections import Counter
 from dataclasses import dataclass, field
 
 from cache import Counts
@@ -20,8 +21,13 @@ class Step:
     misses: list = field(default_factory=list)   # per MoE layer: experts read from disk for the request
     agreement: list = field(default_factory=list)  # cache-aware routing, per MoE layer: model.routing_drift's
     kl: list = field(default_factory=list)         # agreement and KL, each the mean over the step's tokens
-    bytes_read: int = 0                          # from the files, prefetches included
+    layer_bytes: Counter = field(default_factory=Counter)  # MoE layer id -> bytes read from the files for it
     prefetched: int = 0                          # experts --prefetch loaded ahead (not requests)
+
+    @property
+    def bytes_read(self):
+        """From the files, all MoE layers together, prefetches included."""
+        return sum(self.layer_bytes.values())
 
 
 @dataclass
@@ -36,6 +42,13 @@ class Totals(Counts):
     @property
     def mb_per_token(self):
         return self.bytes_read / 1e6 / self.tokens if self.tokens else float("nan")
+
+
+@dataclass
+class LayerTotals(Counts):
+    """The counts of one MoE layer over some steps."""
+    layer: int       # its index in the decoder
+    bytes_read: int  # for this layer's misses and prefetches
 
 
 class Record:
@@ -53,6 +66,13 @@ class Record:
                       hits=sum(sum(s.hits) for s in steps), misses=sum(sum(s.misses) for s in steps),
                       tokens=sum(s.tokens for s in steps), steps=len(steps),
                       bytes_read=sum(s.bytes_read for s in steps), prefetched=sum(s.prefetched for s in steps))
+
+    def per_layer(self, layers, start=0, stop=None):
+        """Totals of each MoE layer over these steps; `layers`: their ids in decoder order (as Step's lists)."""
+        steps = self.steps[start:stop]
+        return [LayerTotals(hits=sum(s.hits[i] for s in steps), misses=sum(s.misses[i] for s in steps),
+                            tokens=sum(s.tokens for s in steps), layer=layer,
+                            bytes_read=sum(s.layer_bytes[layer] for s in steps)) for i, layer in enumerate(layers)]
 
     def trace(self, start=0, stop=None):
         """The routing of these steps as one sequence in cache.simulate's format: trace[s][l] = [[K ids] per token]."""
@@ -85,3 +105,5 @@ class DecodeReport:
     peak_rss_mb: float | None   # before the first and after the last step (allocated up front; the KV cache grows)
     agreement: float            # cache-aware routing, over decode steps: chosen (token, expert) pairs in the true top-k
     kl: float                   # and the mean KL(true || used routing weights) per token and MoE layer
+    per_layer: list = field(default_factory=list)  # LayerTotals of each MoE layer over the decode steps
+    held_bytes: int = 0         # measured after the last step: every tensor the engine holds (budget.held_bytes)

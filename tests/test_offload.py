@@ -262,7 +262,8 @@ def test_cli_writes_json(tiny, loaded, tmp_path, capsys):
         oi.main(["--model", str(path), "--prompt-ids", ",".join(map(str, prompt[0].tolist())), "--cache", "2",
                  "--max-new-tokens", "6", "--json", str(out_file), *flags])
         printed = capsys.readouterr()
-        assert printed.out.strip().splitlines()[-1].startswith("hit rate") and "device: cpu" in printed.err
+        last = printed.out.strip().splitlines()[-3:]  # hit rate, then per MoE layer, then the memory measured
+        assert [line.split()[0] for line in last] == ["hit", "decode", "measured:"] and "device: cpu" in printed.err
         assert ("; greedy" in printed.err) == bool(flags)
         result = json.loads(out_file.read_text())
         assert result["prompt_ids"] == prompt[0].tolist()

@@ -66,7 +66,7 @@ def load_state(path, key, fresh=False):
     if fresh or not path.is_file():
         return None
     try:
-        state = torch.load(path, weights_only=False)  # our own file; it holds optimizer and RNG states
+        state = torch.load(path, weights_only=True)  # tensors and plain values only: a pickle runs no code
     except Exception as e:  # torch.load raises many kinds on a damaged file
         why = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise UserError(f"{path}: unreadable training state ({why}); pass --no-resume to start over") from None
@@ -91,6 +91,8 @@ class TrainingState:
         self.path, self.key, self.fresh = Path(path), key, fresh
         self.started = time.perf_counter() if started is None else started  # when this process began
         self.earlier = 0.0  # seconds that earlier processes spent on the run, up to the state resumed
+        self.finite = True  # all losses so far finite: a device-side flag, read only by `check`
+        self.saved = None   # the progress of the last state saved or resumed
 
     def resume(self, tensors, optimizer, generator):
         """From now on `save` saves these; returns the progress of the saved state loaded into them, or None."""
@@ -104,9 +106,28 @@ class TrainingState:
         optimizer.load_state_dict(state["optimizer"])
         generator.set_state(state["generator"])
         self.earlier = state["wall_seconds"]
-        return state["progress"]
+        self.saved = state["progress"]
+        return self.saved
+
+    def watch(self, *losses):
+        """Note whether this step's losses are finite, on the device: no wait for it each step."""
+        self.finite = torch.isfinite(torch.stack([x.detach().float() for x in losses])).all() & self.finite
+
+    def check(self, **progress):
+        """A loss or a trained tensor that became NaN or Inf stops the run (UserError) before anything is
+        saved or written: the last good state stays as it is. Called every few steps and before each write."""
+        tensors = [getattr(t, "_local_tensor", t) for t in self.tensors.values()]  # an FSDP shard: its own part
+        if bool(self.finite) and all(bool(torch.isfinite(t).all()) for t in tensors):
+            return
+        at = ", ".join(f"{k} {v}" for k, v in progress.items() if k != "reports")
+        kept = (f"the last good state ({', '.join(f'{k} {v}' for k, v in self.saved.items() if k != 'reports')}) "
+                f"is kept in {self.path}" if self.saved is not None else "no state had been saved yet")
+        raise UserError(f"training stopped: a loss or a trained tensor became NaN or Inf by {at}; nothing was "
+                        f"written and {kept}; try a lower learning rate")
 
     def save(self, **progress):
+        self.check(**progress)
+        self.saved = progress
         save_state(self.path, {"key": self.key, "progress": progress,
                                "tensors": {name: t.detach().clone() for name, t in self.tensors.items()},
                                "optimizer": self.optimizer.state_dict(), "generator": self.generator.get_state(),

@@ -184,10 +184,11 @@ def check_output(path, flag, inputs=(), folder=False):
     `folder`) is neither one of the `inputs` (files or model folders) nor inside one, is not a file where a
     folder is expected or the reverse, and can be created or replaced where it is."""
     path, full = Path(path), Path(path).resolve()
-    for given in inputs:
-        if full == Path(given).resolve() or Path(given).resolve() in full.parents:
-            raise UserError(f"{flag} {path} is or lies inside the input {given}, which it would overwrite; "
-                            "write it elsewhere")
+    for given in map(Path, inputs):
+        if full == given.resolve() or given.resolve() in full.parents:
+            what = "is the input" if full == given.resolve() else "lies inside the input"
+            raise UserError(f"{flag} {path}: {what} {'folder' if given.is_dir() else 'file'} {given}, which it "
+                            "would overwrite; write it elsewhere")
     if path.exists() and path.is_dir() != folder:
         raise UserError(f"{flag} {path}: is a {'file' if folder else 'folder'}, expected a "
                         f"{'folder' if folder else 'file name'}")

@@ -12,6 +12,7 @@ import hashlib
 import json
 import sys
 import time
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -66,7 +67,9 @@ def load_state(path, key, fresh=False):
     if fresh or not path.is_file():
         return None
     try:
-        state = torch.load(path, weights_only=True)  # tensors and plain values only: a pickle runs no code
+        with warnings.catch_warnings():  # a planted file's protocol warning: the error line below says it all
+            warnings.simplefilter("ignore")
+            state = torch.load(path, weights_only=True)  # tensors and plain values only: a pickle runs no code
     except Exception as e:  # torch.load raises many kinds on a damaged file
         why = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise UserError(f"{path}: unreadable training state ({why}); pass --no-resume to start over") from None

@@ -68,7 +68,7 @@ def fatal_errors():
     try:
         yield
     except KeyboardInterrupt:
-        print("\nerror: interrupted (Ctrl-C); no output was written by this step", file=sys.stderr)
+        print("\nerror: interrupted (Ctrl-C); no file was left half-written", file=sys.stderr)
         sys.exit(130)
     except (MemoryError, torch.OutOfMemoryError) as e:
         device = "the GPU" if isinstance(e, torch.OutOfMemoryError) else "the machine"
@@ -211,6 +211,7 @@ def run_lock(folder):
         yield
         return
     folder = Path(folder)
+    made = [f for f in (folder, *folder.parents) if not f.exists()]  # removed again if the run leaves them empty
     folder.mkdir(parents=True, exist_ok=True)
     lock, me = folder / ".lock", f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}"
     while True:
@@ -232,6 +233,10 @@ def run_lock(folder):
     finally:
         if lock.is_file() and lock.read_text(errors="replace").strip() == me:
             lock.unlink()
+        for f in made:
+            if any(f.iterdir()):
+                break
+            f.rmdir()
 
 
 def write_json(path, obj):

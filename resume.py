@@ -72,6 +72,8 @@ def load_state(path, key, fresh=False):
             state = torch.load(path, weights_only=True)  # tensors and plain values only: a pickle runs no code
     except Exception as e:  # torch.load raises many kinds on a damaged file
         why = str(e).splitlines()[0] if str(e) else type(e).__name__
+        if "weights_only" in str(e):  # a pickle of other objects: loading those could run code
+            why = "it holds objects other than tensors and plain values, which are refused"
         raise UserError(f"{path}: unreadable training state ({why}); pass --no-resume to start over") from None
     if not isinstance(state, dict) or not isinstance(state.get("key"), dict) or not set(FIELDS) <= set(state):
         raise UserError(f"{path}: not a training state that this version of remoe wrote; "

@@ -30,7 +30,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from tqdm import tqdm
 
-from cli import ArgumentParser, UserError, atomic_write, user_errors
+from cli import ArgumentParser, UserError, atomic_write, fatal_errors, user_errors
 
 EOT = "<|endoftext|>"  # document separator, GPT-2's name for it
 SPLITS = ("train", "val", "test")
@@ -457,7 +457,7 @@ def main(argv: list[str] | None = None) -> None:
 
     t0 = time.perf_counter()
     cfg = DataConfig(data=args.data, glob=args.glob, vocab_size=args.vocab_size)
-    with user_errors():
+    with user_errors(), fatal_errors():
         checkpoint = Path(args.tokenizer) if args.tokenizer else None
         corpus, tok, data = prepare_data(cfg, Path(args.out), checkpoint)
 

@@ -157,7 +157,7 @@ def read_jsonl(path: Path, skipped: dict[str, int]) -> list[Document]:
             raise UserError(f"{path}:{lineno}: 'text' is {got}, expected a string")
         try:
             record["text"].encode("utf-8")
-        except UnicodeEncodeError as e:  # JSON's \\ud800 escape: a lone surrogate is no character
+        except UnicodeEncodeError as e:  # JSON's \ud800 escape: a lone surrogate is no character
             raise UserError(f"{path}:{lineno}: 'text' holds a lone surrogate ({e.object[e.start]!r} at character "
                             f"{e.start}); expected valid Unicode text") from None
         if record["text"].strip():

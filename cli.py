@@ -10,6 +10,7 @@ import dataclasses
 import errno
 import json
 import os
+import re
 import secrets
 import shutil
 import socket
@@ -149,9 +150,25 @@ def atomic_write(path):
             os.replace(tmp, path)
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
-        if isinstance(e, OSError) and (not e.filename or tmp.name in str(e.filename)):
-            e.filename = str(path)  # the error names the output, not the temporary
-        raise
+        err = write_error(e, path, tmp)
+        if err is e:
+            raise
+        raise err from e
+
+
+def write_error(e, path, tmp):
+    """The error of a failed write to `path`, as an OSError naming `path` (not its temporary) wherever
+    the cause is known: safetensors reports it in its message ("os error 28"), numpy's tofile loses the errno."""
+    code = re.search(r"\(os error (\d+)\)", str(e)) if not isinstance(e, OSError) else None
+    if code:
+        return OSError(int(code[1]), os.strerror(int(code[1])), str(path))
+    if not isinstance(e, OSError):
+        return e
+    if e.errno is None and shutil.disk_usage(path.parent).free < 1 << 20:  # numpy: only "full" fits
+        return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+    if not e.filename or tmp.name in str(e.filename):
+        e.filename = str(path)
+    return e
 
 
 def remove_stale_temps(path):

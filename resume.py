@@ -9,6 +9,7 @@ Leaves out: elastic restarts (a different number of processes) and keeping sever
 """
 
 import hashlib
+import io
 import json
 import sys
 import time
@@ -54,9 +55,13 @@ def model_identity(model_dir, tensors):
 
 
 def save_state(path, state):
-    """torch.save through cli.atomic_write: a kill mid-save leaves the previous state whole."""
+    """torch.save through cli.atomic_write: a kill mid-save leaves the previous state whole. Serialised in
+    memory first (a state is small: routers, or the small testbed model), so that a failed write, say a full
+    disk, is an OSError that names its cause (torch.save would report a RuntimeError)."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
     with atomic_write(path) as tmp:
-        torch.save(state, tmp)
+        tmp.write_bytes(buffer.getbuffer())
 
 
 def load_state(path, key, fresh=False):

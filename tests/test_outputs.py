@@ -309,7 +309,7 @@ def test_checkpoint_generate_ends_in_one_line(case, tiny, monkeypatch, capsys, t
 def test_train_on_a_full_or_read_only_disk_ends_in_one_line(case, run_dir, corpus, monkeypatch, capsys):
     """The second state save fails: one line naming the state file, the first state kept, no temporaries."""
     exc, status, message = machine(case)
-    on_call(monkeypatch, resume.torch, "save", 2, exc)
+    on_call(monkeypatch, Path, "write_bytes", 2, exc)
     code, line = run(train.main, finetune_args(corpus, run_dir), capsys)
     assert code == status and message in line and "remoe.train-state.pt" in line
     assert hidden_files(run_dir) == [] and not (run_dir / "remoe").exists()
@@ -383,3 +383,20 @@ def test_a_token_cache_cut_by_one_byte_is_rebuilt(tmp_path, capsys):
     _, _, again = prepare_data(cfg, out)
     assert "is damaged" in capsys.readouterr().err and np.array_equal(first.train, again.train)
     assert train_bin.stat().st_size == first.train.nbytes
+
+
+def test_atomic_write_names_the_cause_that_libraries_hide(tmp_path, monkeypatch):
+    """safetensors reports a full disk in its message, numpy's tofile with errno None: either becomes an
+    OSError naming the output (not its temporary), which fatal_errors prints in one line."""
+    from safetensors import SafetensorError
+
+    out = tmp_path / "m.safetensors"
+    with pytest.raises(OSError) as e:
+        with cli.atomic_write(out):
+            raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+    assert e.value.errno == errno.ENOSPC and e.value.filename == str(out)
+    monkeypatch.setattr(cli.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(1 << 30, 1 << 30, 0))
+    with pytest.raises(OSError) as e:
+        with cli.atomic_write(out) as tmp:
+            raise OSError(None, None, str(tmp))  # what numpy's tofile raises on a full disk
+    assert e.value.errno == errno.ENOSPC and e.value.filename == str(out) and list(tmp_path.iterdir()) == []

@@ -1545,7 +1545,8 @@ def main(argv=None):
     def log(msg):  # notes and progress go to stderr, the report to stdout
         print(msg, file=sys.stderr)
 
-    with cli.user_errors():
+    with cli.user_errors(), cli.fatal_errors():
+        cli.check_output(s.out, "--out", [] if s.shape else [s.base, s.tuned], folder=True)  # before the long study
         if s.shape:
             result = shape_study(s, s.shape, log)
             cli.write_json(Path(s.out) / f"shape-{s.shape}.json", result)

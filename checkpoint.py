@@ -28,7 +28,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from cli import DEFAULT_BASE_DIR, DEFAULT_RUN, ArgumentParser, UserError, atomic_write, check_prompt, user_errors
+from cli import (DEFAULT_BASE_DIR, DEFAULT_RUN, ArgumentParser, UserError, atomic_write, check_prompt, fatal_errors,
+                 user_errors)
 from model import ModelConfig, Transformer, count_parameters, generate
 
 SUPPORTED_MODEL_TYPES = ("deepseek_v2", "deepseek_v3", "qwen2_moe", "qwen3_moe", "olmoe", "mixtral")
@@ -563,7 +564,7 @@ def main(argv=None):
     p.add_argument("--prompt", default=None, help="text to continue, greedily (needs tokenizer.json in the folder)")
     p.add_argument("--max-new-tokens", type=int, default=40, help="tokens to generate after --prompt (default: 40)")
     args = p.parse_args(argv)
-    with user_errors():
+    with user_errors(), fatal_errors():  # Ctrl-C or no memory while generating: one line too
         if args.max_new_tokens < 1:
             raise UserError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
         t0 = time.perf_counter()
@@ -571,17 +572,17 @@ def main(argv=None):
         tok = load_tokenizer(args.model)
         if args.prompt is not None and tok is None:
             raise UserError(f"{args.model}: no tokenizer.json to encode --prompt")
-        ids = torch.tensor([tok.encode(args.prompt).ids]) if args.prompt is not None else None
+        ids = tok.encode(args.prompt).ids if args.prompt is not None else None  # "" encodes to no tokens
         if ids is not None:
-            check_prompt(ids.shape[1], args.max_new_tokens, model.config.max_position_embeddings)
-    cfg = model.config
-    total, active = count_parameters(model)
-    print(f"{args.model}: {cfg.model_type}, {cfg.num_hidden_layers} layers ({len(cfg.moe_layers)} MoE), "
-          f"{cfg.n_routed_experts} experts top-{cfg.num_experts_per_tok}, {total:,} parameters "
-          f"({active:,} active), loaded in {time.perf_counter() - t0:.2f}s")
-    if ids is not None:
-        out = generate(model, ids, args.max_new_tokens)
-        print(tok.decode(out[0].tolist()))
+            check_prompt(len(ids), args.max_new_tokens, model.config.max_position_embeddings)
+        cfg = model.config
+        total, active = count_parameters(model)
+        print(f"{args.model}: {cfg.model_type}, {cfg.num_hidden_layers} layers ({len(cfg.moe_layers)} MoE), "
+              f"{cfg.n_routed_experts} experts top-{cfg.num_experts_per_tok}, {total:,} parameters "
+              f"({active:,} active), loaded in {time.perf_counter() - t0:.2f}s")
+        if ids is not None:
+            out = generate(model, torch.tensor([ids]), args.max_new_tokens)  # (1, T)
+            print(tok.decode(out[0].tolist()))
 
 
 if __name__ == "__main__":

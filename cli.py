@@ -7,11 +7,15 @@ version or the new one, never half of one). The lowest file: it imports nothing 
 
 import argparse
 import dataclasses
+import errno
 import json
 import os
+import re
 import secrets
 import shutil
+import socket
 import sys
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -50,6 +54,35 @@ def user_errors():
             message = f"{message[:200]}...{message[-97:]}"
         print(f"error: {message}", file=sys.stderr)
         sys.exit(2)
+
+
+# what the machine, not the input, can stop a script with: these reach the user as one line, not a traceback
+MACHINE_ERRNOS = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exceeded",
+                  errno.EROFS: "the file system is read-only", errno.EACCES: "permission denied",
+                  errno.EPERM: "operation not permitted", errno.EISDIR: "it is a folder, expected a file",
+                  errno.ENOTDIR: "a part of the path is a file, not a folder"}
+
+
+@contextmanager
+def fatal_errors():
+    """Around a script's work, inside user_errors: what stops it from outside its input, Ctrl-C, a full
+    disk, a read-only file system, a refused permission, running out of memory, ends the program with one
+    `error:` line and a non-zero status (130 for Ctrl-C), never a traceback. Outputs are written with
+    atomic_write, so nothing half-written is left behind."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        print("\nerror: interrupted (Ctrl-C); no file was left half-written", file=sys.stderr)
+        sys.exit(130)
+    except (MemoryError, torch.OutOfMemoryError) as e:
+        device = "the GPU" if isinstance(e, torch.OutOfMemoryError) else "the machine"
+        print(f"error: out of memory on {device}; try a smaller model, batch or --max-new-tokens", file=sys.stderr)
+        sys.exit(1)
+    except OSError as e:
+        if e.errno not in MACHINE_ERRNOS:
+            raise
+        print(f"error: {e.filename or 'writing'}: {MACHINE_ERRNOS[e.errno]} ({e.strerror})", file=sys.stderr)
+        sys.exit(1)
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -118,9 +151,27 @@ def atomic_write(path):
             shutil.rmtree(old)
         else:
             os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
-        raise
+        err = write_error(e, path, tmp)
+        if err is e:
+            raise
+        raise err from e
+
+
+def write_error(e, path, tmp):
+    """The error of a failed write to `path`, as an OSError naming `path` (not its temporary) wherever
+    the cause is known: safetensors reports it in its message ("os error 28"), numpy's tofile loses the errno."""
+    code = re.search(r"\(os error (\d+)\)", str(e)) if not isinstance(e, OSError) else None
+    if code:
+        return OSError(int(code[1]), os.strerror(int(code[1])), str(path))
+    if not isinstance(e, OSError):
+        return e
+    if e.errno is None and shutil.disk_usage(path.parent).free < 1 << 20:  # numpy: only "full" fits
+        return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+    if not e.filename or tmp.name in str(e.filename):
+        e.filename = str(path)
+    return e
 
 
 def remove_stale_temps(path):
@@ -146,6 +197,66 @@ def pid_alive(pid):
     except PermissionError:
         return True  # it exists, owned by someone else
     return True
+
+
+def check_output(path, flag, inputs=(), folder=False):
+    """Before any work, so that a long run is not lost at its last write: `path` (a file, or a folder when
+    `folder`) is neither one of the `inputs` (files or model folders) nor inside one, is not a file where a
+    folder is expected or the reverse, and can be created or replaced where it is."""
+    path, full = Path(path), Path(path).resolve()
+    for given in map(Path, inputs):
+        if full == given.resolve() or given.resolve() in full.parents:
+            what = "is the input" if full == given.resolve() else "lies inside the input"
+            raise UserError(f"{flag} {path}: {what} {'folder' if given.is_dir() else 'file'} {given}, which it "
+                            "would overwrite; write it elsewhere")
+    if path.exists() and path.is_dir() != folder:
+        raise UserError(f"{flag} {path}: is a {'file' if folder else 'folder'}, expected a "
+                        f"{'folder' if folder else 'file name'}")
+    above = full.parent
+    while not above.exists():
+        above = above.parent
+    if not above.is_dir():
+        raise UserError(f"{flag} {path}: lies under {above}, which is a file, not a folder")
+    if not os.access(above, os.W_OK | os.X_OK):
+        raise UserError(f"{flag} {path}: cannot write in {above} (read-only file system or no permission)")
+    return path
+
+
+@contextmanager
+def run_lock(folder):
+    """One run per output folder at a time: FOLDER/.lock names the live process (pid, host, start time);
+    another run is refused naming it, and a lock whose process is gone (on this host) is taken over.
+    Under torchrun the first process holds it for all."""
+    if int(os.environ.get("RANK", 0)) != 0:
+        yield
+        return
+    folder = Path(folder)
+    made = [f for f in (folder, *folder.parents) if not f.exists()]  # removed again if the run leaves them empty
+    folder.mkdir(parents=True, exist_ok=True)
+    lock, me = folder / ".lock", f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}"
+    while True:
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            break
+        except FileExistsError:
+            held = lock.read_text(errors="replace").strip()
+            words = held.split()
+            if len(words) < 4 or words[0] != "pid" or not words[1].isdigit() or words[3] != socket.gethostname() \
+                    or pid_alive(int(words[1])):
+                raise UserError(f"{folder} is in use by another run ({held[:200] or 'an empty lock'}, {lock}); wait "
+                                f"for it to end, use another --out, or remove {lock} if that process is gone") from None
+            lock.unlink(missing_ok=True)  # a stale lock: its process is gone
+    os.write(fd, (me + "\n").encode())
+    os.close(fd)
+    try:
+        yield
+    finally:
+        if lock.is_file() and lock.read_text(errors="replace").strip() == me:
+            lock.unlink()
+        for f in made:
+            if any(f.iterdir()):
+                break
+            f.rmdir()
 
 
 def write_json(path, obj):

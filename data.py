@@ -30,7 +30,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from tqdm import tqdm
 
-from cli import ArgumentParser, UserError, atomic_write, user_errors
+from cli import ArgumentParser, UserError, atomic_write, fatal_errors, user_errors
 
 EOT = "<|endoftext|>"  # document separator, GPT-2's name for it
 SPLITS = ("train", "val", "test")
@@ -58,6 +58,7 @@ class Corpus:
     val: list[Document]
     test: list[Document]
     skipped: dict[str, int] = field(default_factory=dict)  # reason -> number of files or lines
+    repaired: int = 0  # files kept with their bytes that are not UTF-8 read as U+FFFD
     source: str = "default"
 
     @cached_property
@@ -116,7 +117,8 @@ def documents_digest(docs: list[Document]) -> str:
 
 
 def read_text(path: Path) -> tuple[str | None, str | None]:
-    """(text, None) for a usable text file, else (None, why it was skipped)."""
+    """(text, None) for a usable text file, else (None, why it was skipped). Bytes that are not UTF-8
+    become U+FFFD: one stray byte does not cost the whole file (why: "repaired", the text kept)."""
     try:
         raw = path.read_bytes()
     except OSError:  # permission denied, a broken link, a file removed while we read
@@ -124,10 +126,10 @@ def read_text(path: Path) -> tuple[str | None, str | None]:
     if b"\0" in raw:  # text encodings used in practice never contain NUL bytes; binaries do
         return None, "binary"
     try:
-        text = raw.decode("utf-8")
+        text, why = raw.decode("utf-8"), None
     except UnicodeDecodeError:
-        return None, "not_utf8"
-    return (text, None) if text.strip() else (None, "empty")
+        text, why = raw.decode("utf-8", errors="replace"), "repaired"
+    return (text, why) if text.strip() else (None, "empty")
 
 
 def read_jsonl(path: Path, skipped: dict[str, int]) -> list[Document]:
@@ -145,12 +147,19 @@ def read_jsonl(path: Path, skipped: dict[str, int]) -> list[Document]:
             record = json.loads(line)
         except json.JSONDecodeError as e:
             raise UserError(f"{path}:{lineno}: not valid JSON ({e.msg}); expected one object per line")
+        except RecursionError:
+            raise UserError(f"{path}:{lineno}: JSON nested too deeply to read; expected one flat object per line") from None
         if not isinstance(record, dict) or "text" not in record:
             got = f"keys {sorted(record)}" if isinstance(record, dict) else type(record).__name__
             raise UserError(f"{path}:{lineno}: expected an object with a 'text' key, got {got}")
         if not isinstance(record["text"], str):
             got = type(record["text"]).__name__
             raise UserError(f"{path}:{lineno}: 'text' is {got}, expected a string")
+        try:
+            record["text"].encode("utf-8")
+        except UnicodeEncodeError as e:  # JSON's \ud800 escape: a lone surrogate is no character
+            raise UserError(f"{path}:{lineno}: 'text' holds a lone surrogate ({e.object[e.start]!r} at character "
+                            f"{e.start}); expected valid Unicode text") from None
         if record["text"].strip():
             docs.append((f"{path.name}:{lineno}", record["text"]))
         else:
@@ -178,15 +187,18 @@ def load_corpus(cfg: DataConfig) -> Corpus:
     """Read the documents of `cfg.data` (default: the pinned corpus), skipping unusable files, and split them."""
     skipped: dict[str, int] = {}
     docs: list[Document] = []
+    repaired = 0  # files with bytes that are not UTF-8
 
     def add_files(named_paths: list[tuple[str, Path]]) -> None:
+        nonlocal repaired
         # disable=None: the bar shows on a terminal and stays out of logs and tests.
         for name, path in tqdm(named_paths, "reading", unit="file", file=sys.stderr, disable=None):
             text, why = read_text(path)
-            if why:
+            if why and text is None:
                 skipped[why] = skipped.get(why, 0) + 1
             else:
                 docs.append((name, text))
+                repaired += why == "repaired"
 
     if cfg.data is None:
         files = default_corpus_files()
@@ -204,6 +216,9 @@ def load_corpus(cfg: DataConfig) -> Corpus:
             raise UserError(f"--data path '{root}' does not exist; "
                             "expected a text file, a folder or a .jsonl file")
         if root.is_dir():
+            if Path(cfg.glob).is_absolute() or ".." in Path(cfg.glob).parts:
+                raise UserError(f"--glob '{cfg.glob}' reaches outside --data '{root}'; expected a pattern "
+                                "relative to it, without '..'")
             files = [(p.relative_to(root).as_posix(), p) for p in root.glob(cfg.glob) if p.is_file()]
             if not files:
                 raise UserError(f"no files under '{root}' match --glob '{cfg.glob}'; "
@@ -223,7 +238,10 @@ def load_corpus(cfg: DataConfig) -> Corpus:
         why = ", ".join(f"{k}={v}" for k, v in sorted(skipped.items())) or "none"
         raise UserError(f"no usable text for the train split in '{source}' "
                         f"({len(docs)} documents, skipped: {why}); expected more text")
-    return Corpus(**splits, skipped=skipped, source=source)
+    if repaired:
+        print(f"note: {repaired} file(s) of '{source}' hold bytes that are not UTF-8, read as U+FFFD",
+              file=sys.stderr)
+    return Corpus(**splits, skipped=skipped, repaired=repaired, source=source)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -326,9 +344,17 @@ def token_ids(corpus: Corpus, split: str, tok: Tokenizer, *, eot_id: int, folder
     tok_hash = hashlib.blake2b(tok.to_str().encode()).hexdigest()
     key = hashlib.blake2b(f"{corpus.fingerprint}|{split}|{tok_hash}|{eot_id}".encode(), digest_size=8)
     path = folder / f"{split}-{key.hexdigest()}.{np.dtype(dtype).name}.bin"
-    if not path.is_file():
+    count = path.with_name(path.name + ".count")  # its number of ids, written after it: a cut file shows
+    n = int(count.read_text()) if count.is_file() and count.read_text().isdigit() else None
+    size = path.stat().st_size if path.is_file() else None
+    if size is None or n is None or size != n * np.dtype(dtype).itemsize:
+        if size is not None and n is not None:
+            print(f"note: the token cache {path} is damaged ({size} bytes, expected {n * np.dtype(dtype).itemsize}); "
+                  "tokenizing again", file=sys.stderr)
         with atomic_write(path) as tmp, open(tmp, "wb") as f:
-            encode_documents(tok, [text for _, text in getattr(corpus, split)], eot_id, f)
+            n = encode_documents(tok, [text for _, text in getattr(corpus, split)], eot_id, f)
+        with atomic_write(count) as tmp:
+            tmp.write_text(str(n))
     if path.stat().st_size == 0:  # an empty split; mmap refuses empty files
         return np.zeros(0, dtype=dtype)
     return np.memmap(path, dtype=dtype, mode="r")
@@ -431,7 +457,7 @@ def main(argv: list[str] | None = None) -> None:
 
     t0 = time.perf_counter()
     cfg = DataConfig(data=args.data, glob=args.glob, vocab_size=args.vocab_size)
-    with user_errors():
+    with user_errors(), fatal_errors():
         checkpoint = Path(args.tokenizer) if args.tokenizer else None
         corpus, tok, data = prepare_data(cfg, Path(args.out), checkpoint)
 

@@ -28,7 +28,7 @@ import torch
 from tqdm import tqdm
 
 from checkpoint import load_model, load_tokenizer, read_config, stored_dtype
-from cli import ArgumentParser, UserError, atomic_write, user_errors
+from cli import ArgumentParser, UserError, atomic_write, check_output, fatal_errors, user_errors
 from model import rope_frequencies, yarn_mscale
 
 # ----------------------------------------------------------------------------------------------
@@ -352,19 +352,9 @@ def checkpoint_state(model_dir):
     return load_model(model_dir, dtype=stored if stored in STORED_TO_DTYPE else torch.bfloat16).state_dict()
 
 
-def check_output(out, *inputs):
-    out = Path(out)
-    if out.is_dir():
-        raise UserError(f"--gguf {out}: is a folder, expected a file name")
-    for p in inputs:
-        if p is not None and Path(p).exists() and out.resolve() == Path(p).resolve():
-            raise UserError(f"--gguf {out}: is the input file; write the patched model elsewhere")
-    return out
-
-
 def export_gguf(model_dir, out, dtype=None):
     """Write model_dir as a GGUF that stock llama.cpp loads. Returns a one-line summary."""
-    out = check_output(out)
+    out = check_output(out, "--gguf", [model_dir])  # never into the model folder it reads
     if dtype is not None and dtype not in DTYPES:
         raise UserError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     cfg = read_config(model_dir)
@@ -453,7 +443,7 @@ def check_same_model(reader, path, cfg, tuned_dir, plan):
 
 def patch_gguf(tuned_dir, base_gguf, out):
     """Copy base_gguf to out with every router tensor replaced by tuned_dir's. Returns a summary."""
-    out = check_output(out, base_gguf)
+    out = check_output(out, "--gguf", [tuned_dir, base_gguf])
     reader = read_gguf(base_gguf)
     if (gguf_value(reader, "split.count") or 1) > 1:
         raise UserError(f"--patch-gguf {base_gguf}: one part of a split GGUF; merge it first "
@@ -502,7 +492,7 @@ def main(argv=None):
                    help="instead of a full export, copy this GGUF of the base model and replace only its "
                         "router tensors (ffn_gate_inp) with MODEL's")
     args = p.parse_args(argv)
-    with user_errors():
+    with user_errors(), fatal_errors():
         if not args.gguf:
             raise UserError("--gguf OUT.gguf is required: the file to write")
         if args.patch_gguf:

@@ -534,7 +534,7 @@ def main(argv=None):
                          compile=args.compile, budget=args.budget)
     if args.threads > 0:
         torch.set_num_threads(args.threads)
-    with cli.user_errors():
+    with cli.user_errors(), cli.fatal_errors():  # Ctrl-C, a full disk, no memory: one line too
         # every check on user input comes before the (slow) load
         cfg = checkpoint.read_config(args.model)
         if args.budget is not None and (args.cache is not None or args.compile):
@@ -550,38 +550,40 @@ def main(argv=None):
         opts.positions, watch = len(prompt) + args.max_new_tokens, budget.MemoryWatch(cli.pick_device(args.device)[0])
         if args.compile and args.cache == cfg.n_routed_experts:  # (else the engine refuses, in one line)
             print("compiling the decode step (torch.compile: tens of seconds the first time)", file=sys.stderr)
+        if args.json:  # before the generation, so that its figures are not lost at the last write
+            cli.check_output(args.json, "--json", [args.model])
         engine = OffloadEngine(args.model, opts)
-    dtype = str(engine.dtype).removeprefix("torch.")
-    print(f"device: {engine.device} ({engine.device_reason}); dtype: {dtype} ({engine.dtype_reason}); "
-          f"{torch.get_num_threads()} CPU threads", file=sys.stderr)
-    if engine.store.fallback:
-        print(f"note: {engine.store.fallback}", file=sys.stderr)
-    if engine.split is not None:
-        print(engine.split.describe(), file=sys.stderr)
-    print(f"{args.model}: {cfg.model_type}, {len(cfg.moe_layers)} MoE layers x {cfg.n_routed_experts} experts "
-          f"(top-{cfg.num_experts_per_tok}), cache {engine.opts.cache}/layer, {args.policy}, io {engine.store.io}; "
-          + (f"temperature {args.temperature:g}, top-p {args.top_p:g}, seed {args.seed}" if args.temperature
-             else "greedy"), file=sys.stderr)
-    print(tok.decode(prompt) if tok is not None else " ".join(map(str, prompt)), end="", flush=True)
-    gen = torch.Generator(device=engine.device).manual_seed(args.seed)
-    _, r = engine.generate(prompt, args.max_new_tokens, args.temperature, args.top_p, gen, cli.TextStream(tok))
-    engine.close()
-    print()
-    print(f"time to first token {r.ttft_s * 1e3:.1f} ms | {r.time_per_token_s * 1e3:.2f} ms/token | "
-          f"{r.tokens_per_s:.1f} tokens/s")
-    print(f"hit rate {r.hit_rate:.3f} | {r.loads_per_token:.2f} expert loads/token | "
-          f"{r.mb_read_per_token:.3f} MB read/token | peak resident expert memory {r.expert_memory_mb:.2f} MB"
-          + (f" | peak RSS {r.peak_rss_mb:.0f} MB" if r.peak_rss_mb is not None else "")
-          + f" | agreement with the true top-k {r.agreement:.3f}, KL {r.kl:.4f}")
-    print("decode steps per MoE layer: " + " | ".join(f"layer {c.layer} {c.hits} hits {c.misses} misses "
-                                                      f"{c.bytes_read / 1e6:.3f} MB read" for c in r.per_layer))
-    print(watch.describe(r.held_bytes, engine.split))
-    if args.json:
-        figures = dict(model=str(args.model), **asdict(engine.opts), **asdict(r))
-        figures.update(device=str(engine.device), dtype=dtype, threads=torch.get_num_threads(),
-                       temperature=args.temperature, top_p=args.top_p, seed=args.seed,
-                       memory=watch.figures(r.held_bytes), split=engine.split.figures() if engine.split else None)
-        cli.write_json(args.json, figures)
+        dtype = str(engine.dtype).removeprefix("torch.")
+        print(f"device: {engine.device} ({engine.device_reason}); dtype: {dtype} ({engine.dtype_reason}); "
+              f"{torch.get_num_threads()} CPU threads", file=sys.stderr)
+        if engine.store.fallback:
+            print(f"note: {engine.store.fallback}", file=sys.stderr)
+        if engine.split is not None:
+            print(engine.split.describe(), file=sys.stderr)
+        print(f"{args.model}: {cfg.model_type}, {len(cfg.moe_layers)} MoE layers x {cfg.n_routed_experts} experts "
+              f"(top-{cfg.num_experts_per_tok}), cache {engine.opts.cache}/layer, {args.policy}, io {engine.store.io}; "
+              + (f"temperature {args.temperature:g}, top-p {args.top_p:g}, seed {args.seed}" if args.temperature
+                 else "greedy"), file=sys.stderr)
+        print(tok.decode(prompt) if tok is not None else " ".join(map(str, prompt)), end="", flush=True)
+        gen = torch.Generator(device=engine.device).manual_seed(args.seed)
+        _, r = engine.generate(prompt, args.max_new_tokens, args.temperature, args.top_p, gen, cli.TextStream(tok))
+        engine.close()
+        print()
+        print(f"time to first token {r.ttft_s * 1e3:.1f} ms | {r.time_per_token_s * 1e3:.2f} ms/token | "
+              f"{r.tokens_per_s:.1f} tokens/s")
+        print(f"hit rate {r.hit_rate:.3f} | {r.loads_per_token:.2f} expert loads/token | "
+              f"{r.mb_read_per_token:.3f} MB read/token | peak resident expert memory {r.expert_memory_mb:.2f} MB"
+              + (f" | peak RSS {r.peak_rss_mb:.0f} MB" if r.peak_rss_mb is not None else "")
+              + f" | agreement with the true top-k {r.agreement:.3f}, KL {r.kl:.4f}")
+        print("decode steps per MoE layer: " + " | ".join(f"layer {c.layer} {c.hits} hits {c.misses} misses "
+                                                          f"{c.bytes_read / 1e6:.3f} MB read" for c in r.per_layer))
+        print(watch.describe(r.held_bytes, engine.split))
+        if args.json:
+            figures = dict(model=str(args.model), **asdict(engine.opts), **asdict(r))
+            figures.update(device=str(engine.device), dtype=dtype, threads=torch.get_num_threads(),
+                           temperature=args.temperature, top_p=args.top_p, seed=args.seed,
+                           memory=watch.figures(r.held_bytes), split=engine.split.figures() if engine.split else None)
+            cli.write_json(args.json, figures)
 
 
 if __name__ == "__main__":

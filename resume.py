@@ -9,9 +9,11 @@ Leaves out: elastic restarts (a different number of processes) and keeping sever
 """
 
 import hashlib
+import io
 import json
 import sys
 import time
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -53,9 +55,13 @@ def model_identity(model_dir, tensors):
 
 
 def save_state(path, state):
-    """torch.save through cli.atomic_write: a kill mid-save leaves the previous state whole."""
+    """torch.save through cli.atomic_write: a kill mid-save leaves the previous state whole. Serialised in
+    memory first (a state is small: routers, or the small testbed model), so that a failed write, say a full
+    disk, is an OSError that names its cause (torch.save would report a RuntimeError)."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
     with atomic_write(path) as tmp:
-        torch.save(state, tmp)
+        tmp.write_bytes(buffer.getbuffer())
 
 
 def load_state(path, key, fresh=False):
@@ -66,9 +72,13 @@ def load_state(path, key, fresh=False):
     if fresh or not path.is_file():
         return None
     try:
-        state = torch.load(path, weights_only=False)  # our own file; it holds optimizer and RNG states
+        with warnings.catch_warnings():  # a planted file's protocol warning: the error line below says it all
+            warnings.simplefilter("ignore")
+            state = torch.load(path, weights_only=True)  # tensors and plain values only: a pickle runs no code
     except Exception as e:  # torch.load raises many kinds on a damaged file
         why = str(e).splitlines()[0] if str(e) else type(e).__name__
+        if "weights_only" in str(e):  # a pickle of other objects: loading those could run code
+            why = "it holds objects other than tensors and plain values, which are refused"
         raise UserError(f"{path}: unreadable training state ({why}); pass --no-resume to start over") from None
     if not isinstance(state, dict) or not isinstance(state.get("key"), dict) or not set(FIELDS) <= set(state):
         raise UserError(f"{path}: not a training state that this version of remoe wrote; "
@@ -91,6 +101,8 @@ class TrainingState:
         self.path, self.key, self.fresh = Path(path), key, fresh
         self.started = time.perf_counter() if started is None else started  # when this process began
         self.earlier = 0.0  # seconds that earlier processes spent on the run, up to the state resumed
+        self.finite = True  # all losses so far finite: a device-side flag, read only by `check`
+        self.saved = None   # the progress of the last state saved or resumed
 
     def resume(self, tensors, optimizer, generator):
         """From now on `save` saves these; returns the progress of the saved state loaded into them, or None."""
@@ -104,9 +116,28 @@ class TrainingState:
         optimizer.load_state_dict(state["optimizer"])
         generator.set_state(state["generator"])
         self.earlier = state["wall_seconds"]
-        return state["progress"]
+        self.saved = state["progress"]
+        return self.saved
+
+    def watch(self, *losses):
+        """Note whether this step's losses are finite, on the device: no wait for it each step."""
+        self.finite = torch.isfinite(torch.stack([x.detach().float() for x in losses])).all() & self.finite
+
+    def check(self, **progress):
+        """A loss or a trained tensor that became NaN or Inf stops the run (UserError) before anything is
+        saved or written: the last good state stays as it is. Called every few steps and before each write."""
+        tensors = [getattr(t, "_local_tensor", t) for t in self.tensors.values()]  # an FSDP shard: its own part
+        if bool(self.finite) and all(bool(torch.isfinite(t).all()) for t in tensors):
+            return
+        at = ", ".join(f"{k} {v}" for k, v in progress.items() if k != "reports")
+        kept = (f"the last good state ({', '.join(f'{k} {v}' for k, v in self.saved.items() if k != 'reports')}) "
+                f"is kept in {self.path}" if self.saved is not None else "no state had been saved yet")
+        raise UserError(f"training stopped: a loss or a trained tensor became NaN or Inf by {at}; nothing was "
+                        f"written and {kept}; try a lower learning rate")
 
     def save(self, **progress):
+        self.check(**progress)
+        self.saved = progress
         save_state(self.path, {"key": self.key, "progress": progress,
                                "tensors": {name: t.detach().clone() for name, t in self.tensors.items()},
                                "optimizer": self.optimizer.state_dict(), "generator": self.generator.get_state(),

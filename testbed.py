@@ -377,7 +377,9 @@ def pretrain(cfg, data_cfg, corpus, data, state_file, fresh=False):
             opt.step()
             step += 1
             bar.update(1)
+            state.watch(lm, bal)  # a NaN stops the run at the next check, before anything is saved
             if step % LOG_EVERY == 0 or step == cfg.steps:  # reading the losses waits for the device: not every step
+                state.check(step=step)
                 rate = (step - bar.initial) * tokens_per_step / (time.perf_counter() - started)
                 bar.set_postfix(loss=f"{lm.item():.3f}", balance=f"{bal.item():.3f}", tok_s=f"{rate:,.0f}")
             if step % cfg.save_every == 0 and step < cfg.steps:

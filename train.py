@@ -25,8 +25,8 @@ from tqdm import tqdm
 import cache
 import router
 from checkpoint import export_tuned, load_model, read_config, stored_dtype
-from cli import (ArgumentParser, DEFAULT_RUN, UserError, comma_numbers, config_from_flags, json_object, pick_dtype,
-                 user_errors)
+from cli import (ArgumentParser, DEFAULT_RUN, UserError, check_output, comma_numbers, config_from_flags, fatal_errors,
+                 json_object, pick_dtype, run_lock, user_errors)
 from data import DataConfig, prepare_data, random_batch, require_windows
 from distributed import (check_processes, full_tensor, process_device, setup_distributed, share, shut_down,
                          sum_over_processes, under_torchrun, wait_for_all)
@@ -185,7 +185,9 @@ def finetune(cfg, procs, data, state):
                                             base_routers=base_routers, reduce=reduce)
                 step += 1
                 bar.update(1)
+                state.watch(lm, reuse, bal)
                 if step % LOG_EVERY == 0 or step == steps:
+                    state.check(stage=i, step=step)
                     bar.set_postfix(lm=f"{lm.item():.3f}", reuse=f"{reuse.item():.3f}", bal=f"{bal.item():.3f}")
                 if step % cfg.save_every == 0 and step < steps:
                     state.save(stage=i, step=step, reports=reports)
@@ -202,14 +204,12 @@ def finetune(cfg, procs, data, state):
 def remoe_key(cfg, data_cfg, corpus, *, model, compute, world):
     """Every setting that changes the tuned routers, by flag: a saved state must match all of them."""
     return {"--model": model, "--data": corpus_identity(data_cfg.data, corpus), "--glob": data_cfg.glob,
-            "--device": compute, "processes (torchrun)": world, "--fsdp": cfg.fsdp,
-            "--reuse-weight": cfg.reuse_weight, "--window": cfg.window, "--balance": cfg.balance,
-            "--reuse-set": cfg.reuse_set, "--reuse-cache": cfg.reuse_cache,
-            "--balance-weight": cfg.balance_weight, "--balance-boost": cfg.balance_boost,
-            "--anchor": cfg.anchor, "--anchor-weight": cfg.anchor_weight,
-            "--kl-margin": cfg.kl_margin if cfg.anchor == "router-kl" else None, "--lr": cfg.lr,
-            "--stage-steps": list(cfg.stage_steps), "--calib-split": cfg.calib_split, "--batch-size": cfg.batch_size,
-            "--seq-len": cfg.seq_len, "--eval-windows": cfg.eval_windows, "--seed": cfg.seed}
+            "--device": compute, "processes (torchrun)": world, "--fsdp": cfg.fsdp, "--reuse-weight": cfg.reuse_weight,
+            "--window": cfg.window, "--balance": cfg.balance, "--reuse-set": cfg.reuse_set, "--reuse-cache": cfg.reuse_cache,
+            "--balance-weight": cfg.balance_weight, "--balance-boost": cfg.balance_boost, "--anchor": cfg.anchor,
+            "--anchor-weight": cfg.anchor_weight, "--kl-margin": cfg.kl_margin if cfg.anchor == "router-kl" else None,
+            "--lr": cfg.lr, "--stage-steps": list(cfg.stage_steps), "--calib-split": cfg.calib_split,
+            "--batch-size": cfg.batch_size, "--seq-len": cfg.seq_len, "--eval-windows": cfg.eval_windows, "--seed": cfg.seed}
 
 
 def run_remoe(cfg, data_cfg, paths, fresh=False):
@@ -232,17 +232,15 @@ def run_remoe(cfg, data_cfg, paths, fresh=False):
     if procs.rank == 0:
         print(f"compute: {compute} ({why_device}; {why_dtype}); {procs.world} process(es)")
     out_dir = paths.out / "remoe"
-    # one state file per process: under FSDP each holds its own shard of the routers and optimizer
-    suffix = ".train-state.pt" if procs.world == 1 else f".train-state.rank{procs.rank}.pt"
+    suffix = ".train-state.pt" if procs.world == 1 else f".train-state.rank{procs.rank}.pt"  # FSDP: a shard each
     key = remoe_key(cfg, data_cfg, corpus, model=model_id, compute=compute, world=procs.world)
     state = TrainingState(out_dir.with_name(out_dir.name + suffix), key, fresh=fresh, started=started)
     reports = finetune(cfg, procs, data, state)
     routers = {m.layer: full_tensor(m.gate.weight.detach()) for m in model.moes()}
     results = None
     if procs.rank == 0:
-        results = {"base_model": str(paths.model_dir), "stages": reports,
+        results = {"base_model": str(paths.model_dir), "stages": reports, "summary": summary(reports),
                    "settings": {**{k: str(v) for k, v in paths._asdict().items()}, **asdict(data_cfg), **asdict(cfg)},
-                   "summary": summary(reports),
                    "wall_seconds": round(state.seconds(), 1)}  # every process that worked on this run
         export_tuned(paths.model_dir, out_dir, model.config, routers, results)
         print(f"\nwrote {out_dir} (only the router tensors differ from {paths.model_dir})")
@@ -374,6 +372,7 @@ def prepare_flags(args):
                                                     or not (args.paths.model_dir / "config.json").is_file()):
         raise UserError(f"build the default base model in one process before torchrun: python train.py --base-only "
                         f"--out {args.out}{' --rebuild-base' if args.rebuild_base else ''}")
+    check_output(args.paths.out, "--out", [args.paths.model_dir] if args.model else [], folder=True)  # not into --model
     if args.threads:
         torch.set_num_threads(args.threads)
     remoe = config_from_flags(ReMoEConfig, args, stage_steps=tuple(stage_steps))
@@ -384,15 +383,16 @@ def prepare_flags(args):
 
 def main(argv=None):
     args = parse_args(argv)
-    with user_errors(), stop_on_interrupt():
+    with user_errors(), fatal_errors(), stop_on_interrupt():
         remoe, pretrain, data = prepare_flags(args)
-        if args.model is None and not under_torchrun():
-            ensure_base(pretrain, data, args.paths.model_dir, args.paths.data_dir, rebuild=args.rebuild_base,
-                        fresh=args.no_resume)
-        if args.sweep and not args.base_only:
-            sweep(remoe, data, args.paths, args.sweep, fresh=args.no_resume)
-        elif not args.base_only:
-            run_remoe(remoe, data, args.paths, fresh=args.no_resume)
+        with run_lock(args.out):
+            if args.model is None and not under_torchrun():
+                ensure_base(pretrain, data, args.paths.model_dir, args.paths.data_dir, rebuild=args.rebuild_base,
+                            fresh=args.no_resume)
+            if args.sweep and not args.base_only:
+                sweep(remoe, data, args.paths, args.sweep, fresh=args.no_resume)
+            elif not args.base_only:
+                run_remoe(remoe, data, args.paths, fresh=args.no_resume)
     shut_down()
 
 

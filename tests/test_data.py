@@ -203,15 +203,16 @@ def test_jsonl_errors_name_file_and_line(tmp_path, bad_line, expected):
     assert message.startswith(f"{path}:3: ") and expected in message
 
 
-def test_binary_non_utf8_and_empty_files_are_skipped_and_counted(tmp_path):
+def test_binary_and_empty_files_are_skipped_and_counted_non_utf8_bytes_replaced(tmp_path):
     docs = write_docs(tmp_path, n=30)
     (tmp_path / "image.bin").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR")
     (tmp_path / "latin1.txt").write_bytes("caf\u00e9 cr\u00e8me".encode("latin-1"))
     (tmp_path / "empty.txt").write_bytes(b"")
     (tmp_path / "blank.txt").write_text("  \n\t\n")
     corpus = load_corpus(DataConfig(data=str(tmp_path)))
-    assert corpus.skipped == {"binary": 1, "not_utf8": 1, "empty": 2}
-    assert sorted(n for s in SPLITS for n, _ in getattr(corpus, s)) == sorted(docs)
+    assert corpus.skipped == {"binary": 1, "empty": 2} and corpus.repaired == 1
+    texts = {n: t for s in SPLITS for n, t in getattr(corpus, s)}
+    assert sorted(texts) == sorted([*docs, "latin1.txt"]) and texts["latin1.txt"] == "caf\ufffd cr\ufffdme"
 
 
 def test_cache_folder_inside_the_corpus_is_refused(tmp_path):

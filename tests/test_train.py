@@ -46,7 +46,7 @@ def interrupt_call(monkeypatch, module, name, n):
 
 def add_wall_seconds(state_file, seconds):
     """Pretend the processes before the interruption worked `seconds` longer than they did."""
-    state = torch.load(state_file, weights_only=False)
+    state = torch.load(state_file, weights_only=True)
     state["wall_seconds"] += seconds
     torch.save(state, state_file)
 

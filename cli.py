@@ -50,8 +50,9 @@ def user_errors():
         yield
     except UserError as e:
         message = str(e)
-        if len(message) > 300:  # e.g. a 200 KB tensor name: keep the start and the end, at most 300 characters
-            message = f"{message[:200]}...{message[-97:]}"
+        message = " ".join(w if len(w) <= 160 else f"{w[:100]}...{w[-57:]}" for w in message.split(" "))
+        if len(message) > 600:  # a 200 KB tensor name is cut above; a message stays a few hundred characters
+            message = f"{message[:400]}...{message[-197:]}"
         print(f"error: {message}", file=sys.stderr)
         sys.exit(2)
 

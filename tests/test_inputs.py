@@ -257,12 +257,21 @@ def test_export_refuses_malformed_tokenizer(damage, with_tokenizer):
 # ---------------------------------------------------------------- the error line itself
 
 def test_long_message_cut_with_an_ellipsis(capsys):
+    """An overlong name keeps its start and end; the rest of the message (paths included) is kept whole."""
     name = "x" * 200_000
     with pytest.raises(SystemExit), cli.user_errors():
         raise cli.UserError(f"model.safetensors: tensor {name!r} is odd; expected the end")
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and "..." in err and len(err) <= 320, err[:400]
     assert err.startswith("error: model.safetensors: tensor") and err.strip().endswith("expected the end")
+    long_path = "/tmp/" + "/".join(["folder"] * 17) + "/run/remoe.train-state.pt"  # 148 characters: kept whole
+    with pytest.raises(SystemExit), cli.user_errors():
+        raise cli.UserError(f"{long_path} was saved by another run; {long_path} now")
+    assert capsys.readouterr().err.count(long_path) == 2
+    with pytest.raises(SystemExit), cli.user_errors():
+        raise cli.UserError(" ".join(["word"] * 1000))
+    err = capsys.readouterr().err
+    assert "..." in err and len(err) <= 620
 
 
 def test_long_tensor_name_in_one_short_line(damaged, capsys):

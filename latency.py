@@ -43,15 +43,15 @@ GB = 1e9
 PROFILES = (
     Device("Jetson Orin NX 16GB + PCIe 3.0 x4 NVMe", read_bandwidth=3.5 * GB, host_to_device=None,
            memory_bandwidth=102.4 * GB,
-           source="memory bandwidth 102.4 GB/s: NVIDIA Jetson Orin NX 16GB module data sheet; storage 3,500 MB/s: "
-                  "sequential read of a PCIe 3.0 x4 NVMe SSD (Samsung 970 EVO Plus spec sheet), an upper figure for "
-                  "random single-expert reads; unified memory, so no host-to-device copy"),
+           source="memory bandwidth 102.4 GB/s: NVIDIA Jetson Orin NX 16GB module data sheet; storage 3.5 GB/s: "
+                  "sequential read of a PCIe 3.0 x4 NVMe SSD (Samsung 970 EVO Plus spec sheet: 3,500 MB/s), an upper "
+                  "figure for random single-expert reads; unified memory, so no host-to-device copy"),
     Device("desktop GPU (RTX 4090) over PCIe 4.0 x16 + PCIe 4.0 NVMe", read_bandwidth=7.45 * GB,
            host_to_device=25 * GB, memory_bandwidth=1008 * GB,
-           source="memory bandwidth 1,008 GB/s: NVIDIA GeForce RTX 4090 spec; host-to-device 25 GB/s: pinned copies "
+           source="memory bandwidth 1008 GB/s: NVIDIA GeForce RTX 4090 spec; host-to-device 25 GB/s: pinned copies "
                   "over PCIe 4.0 x16 as CUDA's bandwidthTest reports them on such systems (31.5 GB/s theoretical); "
-                  "storage 7,450 MB/s: sequential read of a PCIe 4.0 NVMe SSD (Samsung 990 PRO spec sheet), an "
-                  "upper figure for random single-expert reads"),
+                  "storage 7.45 GB/s: sequential read of a PCIe 4.0 NVMe SSD (Samsung 990 PRO spec sheet: 7,450 "
+                  "MB/s), an upper figure for random single-expert reads"),
 )
 
 

@@ -114,8 +114,8 @@ def test_quick_run_writes_every_output(run):
                     "## Peers"):
         assert heading in md
     assert "cold start" in md or "starts with empty caches" in md  # the cache study states its method
-    assert len(r["files"]["plots"]) == 4
-    for name in ("hit_rate.png", "pareto.png", "decode_time.png", "reuse_per_layer.png"):
+    assert len(r["files"]["plots"]) == 5
+    for name in ("hit_rate.png", "pareto.png", "decode_time.png", "latency.png", "reuse_per_layer.png"):
         data = (out / name).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 2000, name
     assert not [f for f in out.iterdir() if f.name.startswith(".")]  # atomic writes leave no temp files
@@ -295,6 +295,7 @@ def test_decode_rows(run, truth):
                 trace = [[layer[:P] for layer in ids]] + [[[layer[t]] for layer in ids] for t in range(P, P + C)]
                 sim = cache.simulate([trace], "lru", row["capacity"], cache.SimOptions(warmup_steps=1))
                 assert row["per_window"][name]["loads_per_token"][w] == pytest.approx(sim.misses_per_token)
+            assert c["predicted_over_measured"] == pytest.approx(c["predicted_ms_per_token"] / c["ms_per_token"]) > 0
         for name, c in row["contenders"].items():
             per = row["per_window"][name]
             assert c["ms_per_token"] == pytest.approx(1e3 * sum(per["s_per_token"]) / len(per["s_per_token"]))

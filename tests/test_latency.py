@@ -87,8 +87,7 @@ def test_decode_section_carries_predictions(tiny, tmp_path):
             assert c["predicted_ms_per_token"] == pytest.approx(want) == pred["ms_per_token"][name]
             assert c["predicted_over_measured"] == pytest.approx(want / c["ms_per_token"])
         assert "predicted_ms_per_token" not in row["contenders"]["base + cache-aware 0.05"]
-    for i, row in enumerate(dec["rows"]):
-        assert lat["trace_loads_per_token"]["base"][i] == pytest.approx(row["contenders"]["base"]["loads_per_token"],
-                                                                        rel=0.05)
+    for i, row in enumerate(dec["rows"]):  # the batched pass routes as the engine does, token by token
+        assert lat["trace_loads_per_token"]["base"][i] == pytest.approx(row["contenders"]["base"]["loads_per_token"])
     md = "\n".join(bench.md_decode({"decode": dec}))
     assert "predicted / measured" in md and all(d.source in md for d in latency.PROFILES)

@@ -1281,16 +1281,21 @@ def md_decode(r):
              f"Method: {dec['method']}. Device {dec['device']}, {dec['dtype']}, reads: {io}.", ""]
             + table(["capacity", "contender", "ms/token (95% CI)", "speedup vs base (95% CI)", "hit rate",
                      "loads / token", "MB read / token", "perplexity", "predicted ms/token", "predicted / measured"],
-                    rows) + [""] + md_bound(dec["bound"]) + (md_latency(dec["latency"]) if "latency" in dec else [])
+                    rows) + [""] + md_bound(dec["bound"]) + (md_latency(dec) if "latency" in dec else [])
             + (md_free(dec["free"]) if "free" in dec else []))
 
 
-def md_latency(lat):
+def md_latency(dec):
+    lat = dec["latency"]
+    twice = ", ".join(f"{x['contenders']['base']['ms_per_token']:.2f} vs {b['ms_per_token']:.2f} at {b['cache']}"
+                      for x, b in zip(dec["rows"], dec["bound"]["rows"]))
     rows = [[p["name"], x["capacity"], f"{x['ms_per_token']['base']:.3f}", f"{x['ms_per_token']['tuned']:.3f}",
              f"{x['speedup']:.2f}x"] for p in lat["profiles"] for x in p["rows"]]
     return ([f"Predicted time per token on each device (ReMoE's speedup over base). Method: {lat['method']}. Expert "
              f"{lat['expert_bytes'] / 1e3:.1f} KB, {lat['active_bytes_per_token'] / 1e6:.2f} MB of weights active per "
-             f"token. The predicted column above is this machine's row here.", ""]
+             f"token. The predicted column above is this machine's row here. For scale, the measurement's own spread: the base "
+             f"engine measured twice in this run on the same windows, in the table above and in the bound's run, gave "
+             f"{twice} ms/token.", ""]
             + table(["device", "cache", "base ms/token", "ReMoE ms/token", "ReMoE speedup"], rows)
             + ["", "Sources:", ""] + [f"- {p['name']}: {p['source']}." for p in lat["profiles"]] + [""])
 

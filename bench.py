@@ -514,8 +514,9 @@ def decode_section(s, paths, windows, capacities, device, dtype, log, tick):
                            oi.OffloadConfig(device=str(device), dtype=dtype), log)
     tick()
     predicted = latency_study(paths, windows[1:], s.prompt_tokens, capacities, bound, env["expert_bytes"], device, dtype)
-    for row, here in zip(rows, predicted["profiles"][0]["rows"]):  # this machine's prediction beside each measurement
-        for name, ms in here["ms_per_token"].items():
+    here = {x["capacity"]: x["ms_per_token"] for x in predicted["profiles"][0]["rows"]}  # this machine
+    for row in rows:  # the prediction beside each measurement
+        for name, ms in here[row["capacity"]].items():
             c = row["contenders"][name]
             c["predicted_ms_per_token"], c["predicted_over_measured"] = ms, ms / c["ms_per_token"]
     return {"method": DECODE_METHOD, "windows": s.decode_windows, "prompt_tokens": s.prompt_tokens,

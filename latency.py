@@ -118,7 +118,7 @@ def routing(path, windows, device="cpu", dtype="float32"):
 def study(sims, devices, expert_bytes, active_bytes):
     """Per device its name, source and, per capacity, the predicted ms per token of each model, from
     sims {model: {capacity: cache.SimResult}}."""
-    caps = sorted({c for per_cap in sims.values() for c in per_cap})
+    caps = list(next(iter(sims.values())))
     return [{"name": d.name, "source": d.source,
              "rows": [{"capacity": c, "ms_per_token": {m: 1e3 * predict(d, per_cap[c], expert_bytes, active_bytes)
                                                        for m, per_cap in sims.items()}} for c in caps]}

@@ -74,11 +74,11 @@ def test_decode_section_carries_predictions(tiny, tmp_path):
     _, path = tiny(MAIN)
     s = bench.Settings(prompt_tokens=4, decode_windows=2, decode_tokens=6, threads=1)
     windows = random_ids(checkpoint.read_config(path).vocab_size, 3, 10, seed=5)  # a warm-up window, then 2
-    dec = bench.decode_section(s, {"base": path, "tuned": path}, windows, [2, 4], torch.device("cpu"), "float32",
+    dec = bench.decode_section(s, {"base": path, "tuned": path}, windows, [4, 2], torch.device("cpu"), "float32",
                                lambda *a: None, lambda: None)
     lat = dec["latency"]
     here = latency.this_machine(dec["bound"])
-    sims = latency.simulate_decode(latency.routing(path, windows[1:]), 4, [2, 4])
+    sims = latency.simulate_decode(latency.routing(path, windows[1:]), 4, [4, 2])
     assert [p["name"] for p in lat["profiles"]] == ["this machine"] + [d.name for d in latency.PROFILES]
     for row, pred in zip(dec["rows"], lat["profiles"][0]["rows"]):
         for name in ("base", "tuned"):

@@ -548,6 +548,27 @@ def latency_study(paths, windows, prompt_len, capacities, bound, expert_bytes, d
             "profiles": profiles}
 
 
+def best_point_latency(results, budget=0.01):
+    """The Pareto front's best point within +budget perplexity of the base model (the highest hit rate at the front's
+    cache) against the base model's plain routing, predicted on every profile by the one-line formula
+    (latency.seconds_per_token: the front's windows keep loads per token only, so every miss is read alone)."""
+    pa, dec = results["pareto"], results["decode"]
+    points = [(family, p) for family, pts in pa["fronts"].items() for p in pts
+              if p["perplexity"] <= pa["base_perplexity"] * (1 + budget)]
+    family, best = max(points, key=lambda fp: fp[1]["hit_rate"])
+    base = next(p for pts in pa["families"].values() for p in pts if p["model"] == "base" and p["bias"] == 0
+                and "keep" not in p)
+    lat = dec["latency"]
+    def ms(d, p):
+        return 1e3 * latency.seconds_per_token(d, p["loads_per_token"], lat["expert_bytes"], lat["active_bytes_per_token"])
+    return {"budget": budget, "capacity": pa["capacity"], "family": family,
+            "point": {k: best.get(k) for k in ("model", "lambda", "bias", "keep", "margin", "hit_rate", "perplexity",
+                                               "loads_per_token")},
+            "base_loads_per_token": base["loads_per_token"],
+            "profiles": [{"name": d.name, "base_ms": ms(d, base), "best_ms": ms(d, best), "speedup": ms(d, base) / ms(d, best)}
+                         for d in [latency.this_machine(dec["bound"], dec["device"]), *latency.PROFILES]]}
+
+
 def free_generation(paths, prompts, capacity, seeds, new_tokens, temperature, device, dtype):
     """Each model generating its own tokens: sampled at `temperature` from each prompt with each seed, from an
     empty expert cache, the models taking turns. Never a speedup: the models decode different token streams,
@@ -1123,6 +1144,7 @@ def run(s, log=print):
 
     progress.section("decode")
     results["decode"] = decode_section(s, paths, decode_windows, dec_caps, device, dtype_name, log, progress.tick)
+    results["decode"]["latency"]["best_point"] = best_point_latency(results)
     prompts = [w[:s.prompt_tokens].tolist() for w in decode_windows[1:1 + FREE_PROMPTS]]
     results["decode"]["free"] = free_generation(paths, prompts, min(2 * K, E), FREE_SEEDS, s.decode_tokens,
                                                 FREE_TEMPERATURE, device, dtype_name)
@@ -1298,7 +1320,20 @@ def md_latency(dec):
              f"engine measured twice in this run on the same windows, in the table above and in the bound's run, gave "
              f"{twice} ms/token.", ""]
             + table(["device", "cache", "base ms/token", "ReMoE ms/token", "ReMoE speedup"], rows)
-            + ["", "Sources:", ""] + [f"- {p['name']}: {p['source']}." for p in lat["profiles"]] + [""])
+            + ["", "Sources:", ""] + [f"- {p['name']}: {p['source']}." for p in lat["profiles"]] + [""]
+            + (md_best_point(lat["best_point"]) if "best_point" in lat else []))
+
+
+def md_best_point(b):
+    p = b["point"]
+    what = "".join(f", {k} {p[k]:g}" for k in ("lambda", "bias", "keep", "margin") if p[k])
+    return ([f"The Pareto front's best point within +{b['budget']:.0%} perplexity at {b['capacity']} experts per layer: "
+             f"{b['family']}{what}: {p['loads_per_token']:.2f} loads per token against the base model's "
+             f"{b['base_loads_per_token']:.2f} on the front's windows; predicted by the one-line formula, every miss "
+             f"read alone:", ""]
+            + table(["device", "base ms/token", "best point ms/token", "speedup"],
+                    [[x["name"], f"{x['base_ms']:.3f}", f"{x['best_ms']:.3f}", f"{x['speedup']:.2f}x"]
+                     for x in b["profiles"]]) + [""])
 
 
 def md_bound(b):

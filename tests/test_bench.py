@@ -308,6 +308,26 @@ def test_decode_rows(run, truth):
     assert "The engine against the physical bound" in (run["out"] / "results.md").read_text()
 
 
+def test_best_point_latency(run):
+    """The front's best point within +1% perplexity (highest hit rate) against the base model's plain routing, on
+    every profile: resident time + loads per token x one miss's time, by hand."""
+    r = run["results"]
+    pa, lat, b = r["pareto"], r["decode"]["latency"], r["decode"]["latency"]["best_point"]
+    within = [p for pts in pa["fronts"].values() for p in pts if p["perplexity"] <= 1.01 * pa["base_perplexity"]]
+    best = max(within, key=lambda p: p["hit_rate"])
+    assert b["point"]["hit_rate"] == best["hit_rate"] and b["point"]["loads_per_token"] == best["loads_per_token"]
+    assert best in pa["fronts"][b["family"]]
+    base = pa["families"]["base + cache-aware"][0]
+    assert b["base_loads_per_token"] == base["loads_per_token"]
+    bound, eb = r["decode"]["bound"], lat["expert_bytes"]
+    here = b["profiles"][0]  # this machine: the bound's resident time and single-read bandwidth
+    assert here["name"] == "this machine" and len(b["profiles"]) == len(lat["profiles"])
+    for key, loads in (("base_ms", base["loads_per_token"]), ("best_ms", best["loads_per_token"])):
+        assert here[key] == pytest.approx(bound["resident_ms_per_token"] + 1e3 * loads * eb / bound["bandwidth_bytes_per_s"])
+    assert all(x["speedup"] == pytest.approx(x["base_ms"] / x["best_ms"]) for x in b["profiles"])
+    assert "best point within +1% perplexity" in (run["out"] / "results.md").read_text()
+
+
 def test_free_generation(run, truth):
     """Free generation is reported apart from the speedups: every model sampled from the same prompts with
     the same seeds; each run's hit rate and loads agree (every decode token requests K distinct experts per

@@ -1312,7 +1312,7 @@ def md_latency(dec):
     lat = dec["latency"]
     twice = ", ".join(f"{x['contenders']['base']['ms_per_token']:.2f} vs {b['ms_per_token']:.2f} at {b['cache']}"
                       for x, b in zip(dec["rows"], dec["bound"]["rows"]))
-    rows = [[p["name"], x["capacity"], f"{x['ms_per_token']['base']:.3f}", f"{x['ms_per_token']['tuned']:.3f}",
+    rows = [[p["name"], x["capacity"], f"{x['ms_per_token']['base']:.3g}", f"{x['ms_per_token']['tuned']:.3g}",
              f"{x['speedup']:.2f}x"] for p in lat["profiles"] for x in p["rows"]]
     return ([f"Predicted time per token on each device (ReMoE's speedup over base). Method: {lat['method']}. Expert "
              f"{lat['expert_bytes'] / 1e3:.1f} KB, {lat['active_bytes_per_token'] / 1e6:.2f} MB of weights active per "
@@ -1332,7 +1332,7 @@ def md_best_point(b):
              f"{b['base_loads_per_token']:.2f} on the front's windows; predicted by the one-line formula, every miss "
              f"read alone:", ""]
             + table(["device", "base ms/token", "best point ms/token", "speedup"],
-                    [[x["name"], f"{x['base_ms']:.3f}", f"{x['best_ms']:.3f}", f"{x['speedup']:.2f}x"]
+                    [[x["name"], f"{x['base_ms']:.3g}", f"{x['best_ms']:.3g}", f"{x['speedup']:.2f}x"]
                      for x in b["profiles"]]) + [""])
 
 

@@ -1470,7 +1470,8 @@ def plot_latency(r, fig):
         caps = [x["capacity"] for x in p["rows"]]
         for m in ("base", "tuned"):
             ax.plot(caps, [x["ms_per_token"][m] for x in p["rows"]], STYLE[m], marker="o", label=LABEL[m])
-        ax.set(xlabel="experts cached per MoE layer", xticks=caps, title=p["name"].split(" + ")[0])
+        ax.set(xlabel="experts cached per MoE layer", xticks=caps)
+        ax.set_title(p["name"].split(" + ")[0], fontsize=9)
         ax.set_ylim(bottom=0)
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("predicted ms per token")
@@ -1499,7 +1500,7 @@ def plots(r, out_dir):
     written = []
     for name, draw, size in (("hit_rate.png", plot_hit_rate, (7, 4.5)), ("pareto.png", plot_pareto, (7, 5)),
                              ("decode_time.png", plot_decode_time, (6, 4)),
-                             ("latency.png", plot_latency, (4 * len(r["decode"]["latency"]["profiles"]), 3.5)),
+                             ("latency.png", plot_latency, (4.5 * len(r["decode"]["latency"]["profiles"]), 3.5)),
                              ("reuse_per_layer.png", plot_reuse, (4 * len(r["reuse"]["windows"]), 3.5))):
         fig = Figure(figsize=size)
         draw(r, fig)

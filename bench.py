@@ -35,6 +35,7 @@ from tqdm import tqdm
 import cache
 import checkpoint
 import cli
+import latency
 import model
 import offload_infer as oi
 import router
@@ -512,8 +513,60 @@ def decode_section(s, paths, windows, capacities, device, dtype, log, tick):
     bound = physical_bound(paths["base"], windows, s.prompt_tokens, capacities,
                            oi.OffloadConfig(device=str(device), dtype=dtype), log)
     tick()
+    predicted = latency_study(paths, windows[1:], s.prompt_tokens, capacities, bound, env["expert_bytes"], device, dtype)
+    here = {x["capacity"]: x["ms_per_token"] for x in predicted["profiles"][0]["rows"]}  # this machine
+    for row in rows:  # the prediction beside each measurement
+        for name, ms in here[row["capacity"]].items():
+            c = row["contenders"][name]
+            c["predicted_ms_per_token"], c["predicted_over_measured"] = ms, ms / c["ms_per_token"]
     return {"method": DECODE_METHOD, "windows": s.decode_windows, "prompt_tokens": s.prompt_tokens,
-            "decode_tokens": s.decode_tokens, "window_ids": windows.tolist(), **env, "rows": rows, "bound": bound}
+            "decode_tokens": s.decode_tokens, "window_ids": windows.tolist(), **env, "rows": rows, "bound": bound,
+            "latency": predicted}
+
+
+LATENCY_METHOD = ("latency.py: predicted time per token = resident time per token + each token's misses x (expert bytes "
+                  "/ read bandwidth + expert bytes / host-to-device bandwidth), a layer's lone miss at the single-read "
+                  "bandwidth, several at the in-flight bandwidth where known; misses from each model's routing of the "
+                  "decode windows (one batched forward pass) replayed through per-layer LRU caches, cold per window, "
+                  "the prompt's step uncounted, as the engine decodes them. This machine: the physical bound's "
+                  "measurements; the others: the published figures of each profile's source")
+
+
+def latency_study(paths, windows, prompt_len, capacities, bound, expert_bytes, device, dtype):
+    """The latency model (latency.py) on the decode windows (N, P + C): per profile, capacity and model the predicted
+    ms per token, this machine's profile first; and the LRU loads per token each model's routing trace gives."""
+    sims = {name: latency.simulate_decode(latency.routing(path, windows, device, dtype), prompt_len, capacities)
+            for name, path in paths.items()}
+    devices = [latency.this_machine(bound, str(device)), *latency.PROFILES]
+    active = active_bytes(checkpoint.read_config(paths["base"]), getattr(torch, dtype))
+    profiles = latency.study(sims, devices, expert_bytes, active)
+    for p in profiles:
+        for row in p["rows"]:
+            row["speedup"] = row["ms_per_token"]["base"] / row["ms_per_token"]["tuned"]
+    return {"method": LATENCY_METHOD, "expert_bytes": expert_bytes, "active_bytes_per_token": active,
+            "trace_loads_per_token": {name: [sims[name][c].misses_per_token for c in capacities] for name in sims},
+            "profiles": profiles}
+
+
+def best_point_latency(results, budget=0.01):
+    """The Pareto front's best point within +budget perplexity of the base model (the highest hit rate at the front's
+    cache) against the base model's plain routing, predicted on every profile by the one-line formula
+    (latency.seconds_per_token: the front's windows keep loads per token only, so every miss is read alone)."""
+    pa, dec = results["pareto"], results["decode"]
+    points = [(family, p) for family, pts in pa["fronts"].items() for p in pts
+              if p["perplexity"] <= pa["base_perplexity"] * (1 + budget)]
+    family, best = max(points, key=lambda fp: fp[1]["hit_rate"])
+    base = next(p for pts in pa["families"].values() for p in pts if p["model"] == "base" and p["bias"] == 0
+                and "keep" not in p)
+    lat = dec["latency"]
+    def ms(d, p):
+        return 1e3 * latency.seconds_per_token(d, p["loads_per_token"], lat["expert_bytes"], lat["active_bytes_per_token"])
+    return {"budget": budget, "capacity": pa["capacity"], "family": family,
+            "point": {k: best.get(k) for k in ("model", "lambda", "bias", "keep", "margin", "hit_rate", "perplexity",
+                                               "loads_per_token")},
+            "base_loads_per_token": base["loads_per_token"],
+            "profiles": [{"name": d.name, "base_ms": ms(d, base), "best_ms": ms(d, best), "speedup": ms(d, base) / ms(d, best)}
+                         for d in [latency.this_machine(dec["bound"], dec["device"]), *latency.PROFILES]]}
 
 
 def free_generation(paths, prompts, capacity, seeds, new_tokens, temperature, device, dtype):
@@ -1091,6 +1144,7 @@ def run(s, log=print):
 
     progress.section("decode")
     results["decode"] = decode_section(s, paths, decode_windows, dec_caps, device, dtype_name, log, progress.tick)
+    results["decode"]["latency"]["best_point"] = best_point_latency(results)
     prompts = [w[:s.prompt_tokens].tolist() for w in decode_windows[1:1 + FREE_PROMPTS]]
     results["decode"]["free"] = free_generation(paths, prompts, min(2 * K, E), FREE_SEEDS, s.decode_tokens,
                                                 FREE_TEMPERATURE, device, dtype_name)
@@ -1242,13 +1296,44 @@ def md_decode(r):
             rows.append([x["capacity"], name, f"{c['ms_per_token']:.2f} ± {c['ms_per_token_ci95']:.2f}",
                          f"{c['speedup']:.2f}x [{c['speedup_ci95'][0]:.2f}, {c['speedup_ci95'][1]:.2f}]",
                          f"{c['hit_rate']:.3f}", f"{c['loads_per_token']:.2f}", f"{c['mb_per_token']:.3f}",
-                         f"{c['perplexity']:.3f}"])
+                         f"{c['perplexity']:.3f}"] + ([f"{c['predicted_ms_per_token']:.2f}",
+                                                      f"{c['predicted_over_measured']:.2f}"] if "predicted_ms_per_token"
+                                                     in c else ["-", "-"]))
     return ([f"## Decode: offloaded, the same {dec['windows']} held-out windows for every contender "
              f"({dec['prompt_tokens']} prompt + {dec['decode_tokens']} tokens fed one by one)", "",
              f"Method: {dec['method']}. Device {dec['device']}, {dec['dtype']}, reads: {io}.", ""]
             + table(["capacity", "contender", "ms/token (95% CI)", "speedup vs base (95% CI)", "hit rate",
-                     "loads / token", "MB read / token", "perplexity"], rows) + [""] + md_bound(dec["bound"])
+                     "loads / token", "MB read / token", "perplexity", "predicted ms/token", "predicted / measured"],
+                    rows) + [""] + md_bound(dec["bound"]) + (md_latency(dec) if "latency" in dec else [])
             + (md_free(dec["free"]) if "free" in dec else []))
+
+
+def md_latency(dec):
+    lat = dec["latency"]
+    twice = ", ".join(f"{x['contenders']['base']['ms_per_token']:.2f} vs {b['ms_per_token']:.2f} at {b['cache']}"
+                      for x, b in zip(dec["rows"], dec["bound"]["rows"]))
+    rows = [[p["name"], x["capacity"], f"{x['ms_per_token']['base']:.3g}", f"{x['ms_per_token']['tuned']:.3g}",
+             f"{x['speedup']:.2f}x"] for p in lat["profiles"] for x in p["rows"]]
+    return ([f"Predicted time per token on each device (ReMoE's speedup over base). Method: {lat['method']}. Expert "
+             f"{lat['expert_bytes'] / 1e3:.1f} KB, {lat['active_bytes_per_token'] / 1e6:.2f} MB of weights active per "
+             f"token. The predicted column above is this machine's row here. For scale, the measurement's own spread: the base "
+             f"engine measured twice in this run on the same windows, in the table above and in the bound's run, gave "
+             f"{twice} ms/token.", ""]
+            + table(["device", "cache", "base ms/token", "ReMoE ms/token", "ReMoE speedup"], rows)
+            + ["", "Sources:", ""] + [f"- {p['name']}: {p['source']}." for p in lat["profiles"]] + [""]
+            + (md_best_point(lat["best_point"]) if "best_point" in lat else []))
+
+
+def md_best_point(b):
+    p = b["point"]
+    what = "".join(f", {k} {p[k]:g}" for k in ("lambda", "bias", "keep", "margin") if p[k])
+    return ([f"The Pareto front's best point within +{b['budget']:.0%} perplexity at {b['capacity']} experts per layer: "
+             f"{b['family']}{what}: {p['loads_per_token']:.2f} loads per token against the base model's "
+             f"{b['base_loads_per_token']:.2f} on the front's windows; predicted by the one-line formula, every miss "
+             f"read alone:", ""]
+            + table(["device", "base ms/token", "best point ms/token", "speedup"],
+                    [[x["name"], f"{x['base_ms']:.3g}", f"{x['best_ms']:.3g}", f"{x['speedup']:.2f}x"]
+                     for x in b["profiles"]]) + [""])
 
 
 def md_bound(b):
@@ -1377,6 +1462,22 @@ def plot_decode_time(r, fig):
     ax.legend(fontsize=7)
 
 
+def plot_latency(r, fig):
+    """Predicted ms per token against the cache, one panel per device profile: base and ReMoE."""
+    profiles = r["decode"]["latency"]["profiles"]
+    axes = np.atleast_1d(fig.subplots(1, len(profiles)))
+    for ax, p in zip(axes, profiles):
+        caps = [x["capacity"] for x in p["rows"]]
+        for m in ("base", "tuned"):
+            ax.plot(caps, [x["ms_per_token"][m] for x in p["rows"]], STYLE[m], marker="o", label=LABEL[m])
+        ax.set(xlabel="experts cached per MoE layer", xticks=caps)
+        ax.set_title(p["name"].split(" + ")[0], fontsize=9)
+        ax.set_ylim(bottom=0)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("predicted ms per token")
+    axes[0].legend()
+
+
 def plot_reuse(r, fig):
     """One panel per window w: base and ReMoE reuse rate side by side for every MoE layer."""
     ru = r["reuse"]
@@ -1393,12 +1494,13 @@ def plot_reuse(r, fig):
 
 
 def plots(r, out_dir):
-    """The three PNGs, drawn with matplotlib's object API (no pyplot, so no global state)."""
+    """The PNGs, drawn with matplotlib's object API (no pyplot, so no global state)."""
     from matplotlib.figure import Figure
 
     written = []
     for name, draw, size in (("hit_rate.png", plot_hit_rate, (7, 4.5)), ("pareto.png", plot_pareto, (7, 5)),
                              ("decode_time.png", plot_decode_time, (6, 4)),
+                             ("latency.png", plot_latency, (4.5 * len(r["decode"]["latency"]["profiles"]), 3.5)),
                              ("reuse_per_layer.png", plot_reuse, (4 * len(r["reuse"]["windows"]), 3.5))):
         fig = Figure(figsize=size)
         draw(r, fig)

@@ -114,8 +114,8 @@ def test_quick_run_writes_every_output(run):
                     "## Peers"):
         assert heading in md
     assert "cold start" in md or "starts with empty caches" in md  # the cache study states its method
-    assert len(r["files"]["plots"]) == 4
-    for name in ("hit_rate.png", "pareto.png", "decode_time.png", "reuse_per_layer.png"):
+    assert len(r["files"]["plots"]) == 5
+    for name in ("hit_rate.png", "pareto.png", "decode_time.png", "latency.png", "reuse_per_layer.png"):
         data = (out / name).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 2000, name
     assert not [f for f in out.iterdir() if f.name.startswith(".")]  # atomic writes leave no temp files
@@ -295,6 +295,8 @@ def test_decode_rows(run, truth):
                 trace = [[layer[:P] for layer in ids]] + [[[layer[t]] for layer in ids] for t in range(P, P + C)]
                 sim = cache.simulate([trace], "lru", row["capacity"], cache.SimOptions(warmup_steps=1))
                 assert row["per_window"][name]["loads_per_token"][w] == pytest.approx(sim.misses_per_token)
+            assert c["predicted_ms_per_token"] > 0  # this machine's prediction beside each plain (model, cache) row
+            assert c["predicted_over_measured"] == pytest.approx(c["predicted_ms_per_token"] / c["ms_per_token"])
         for name, c in row["contenders"].items():
             per = row["per_window"][name]
             assert c["ms_per_token"] == pytest.approx(1e3 * sum(per["s_per_token"]) / len(per["s_per_token"]))
@@ -304,6 +306,26 @@ def test_decode_rows(run, truth):
             assert c["mb_per_token"] * 1e6 >= c["loads_per_token"] * dec["expert_bytes"] - 1e-6  # whole blocks read
     check_bound(dec["bound"], [row["capacity"] for row in dec["rows"]])  # the base model's engine at the same caches
     assert "The engine against the physical bound" in (run["out"] / "results.md").read_text()
+
+
+def test_best_point_latency(run):
+    """The front's best point within +1% perplexity (highest hit rate) against the base model's plain routing, on
+    every profile: resident time + loads per token x one miss's time, by hand."""
+    r = run["results"]
+    pa, lat, b = r["pareto"], r["decode"]["latency"], r["decode"]["latency"]["best_point"]
+    within = [p for pts in pa["fronts"].values() for p in pts if p["perplexity"] <= 1.01 * pa["base_perplexity"]]
+    best = max(within, key=lambda p: p["hit_rate"])
+    assert b["point"]["hit_rate"] == best["hit_rate"] and b["point"]["loads_per_token"] == best["loads_per_token"]
+    assert best in pa["fronts"][b["family"]]
+    base = pa["families"]["base + cache-aware"][0]
+    assert b["base_loads_per_token"] == base["loads_per_token"]
+    bound, eb = r["decode"]["bound"], lat["expert_bytes"]
+    here = b["profiles"][0]  # this machine: the bound's resident time and single-read bandwidth
+    assert here["name"] == "this machine" and len(b["profiles"]) == len(lat["profiles"])
+    for key, loads in (("base_ms", base["loads_per_token"]), ("best_ms", best["loads_per_token"])):
+        assert here[key] == pytest.approx(bound["resident_ms_per_token"] + 1e3 * loads * eb / bound["bandwidth_bytes_per_s"])
+    assert all(x["speedup"] == pytest.approx(x["base_ms"] / x["best_ms"]) for x in b["profiles"])
+    assert "best point within +1% perplexity" in (run["out"] / "results.md").read_text()
 
 
 def test_free_generation(run, truth):

@@ -295,7 +295,9 @@ PARETO_METHOD = ("one point per model and routing rule on the same first windows
                  "stay the unbiased scores), measured by teacher-forced decoding one token per step through "
                  "OffloadEngine; the guaranteed mode (offload_infer.py --cache-keep J --cache-margin M) keeps each "
                  "token's true top-J and fills the other K - J slots with the best cached experts scoring at least the "
-                 "K-th best score minus M, else the best remaining ones. Agreement: the fraction of chosen (token, "
+                 "K-th best score minus M, else the best remaining ones. ReMoE trained under cache-aware routing (train.py "
+                 "--train-routing bias:B or keep:J:M over an LRU cache of 2 x top-k) runs under the routing it was trained "
+                 "for. Agreement: the fraction of chosen (token, "
                  "expert) pairs in the router's own top-k on the same hidden state; KL: KL(true || used routing "
                  "weights) per token and MoE layer (model.routing_drift), 1 and 0 for plain routing. The lambda = 0 "
                  "control is the same ReMoE pipeline without the reuse loss: router "
@@ -359,14 +361,18 @@ def anchor_of(tuned):
 
 def sweep_models(folder, base):
     """The tuned models `python train.py --sweep` left under `folder` (ANCHOR-lambdaX/remoe), each checked
-    to be a twin of the base model: [{"path", "anchor", "lambda"}], ordered by anchor and lambda."""
+    to be a twin of the base model: [{"path", "anchor", "reuse_set", "routing", "rule", "lambda"}], ordered by
+    anchor, reuse set, routing and lambda; "routing" is the cache-aware routing it was trained under
+    (train.py --train-routing, "" for none) and "rule" that routing parsed (cache.parse_routing), or None."""
     found = []
     for results in Path(folder).glob("*/remoe/results.json"):
         settings = json.loads(results.read_text()).get("settings", {})
-        check_pair(base, results.parent)
+        cfg, routing = check_pair(base, results.parent), settings.get("train_routing", "")
         found.append({"path": str(results.parent), "anchor": settings.get("anchor", "distill"),
-                      "reuse_set": settings.get("reuse_set", "window"), "lambda": float(settings.get("reuse_weight", math.nan))})
-    return sorted(found, key=lambda m: (m["anchor"], m["reuse_set"], m["lambda"]))
+                      "reuse_set": settings.get("reuse_set", "window"), "routing": routing,
+                      "rule": cache.parse_routing(routing, cfg.num_experts_per_tok) if routing else None,
+                      "lambda": float(settings.get("reuse_weight", math.nan))})
+    return sorted(found, key=lambda m: (m["anchor"], m["reuse_set"], m["routing"], m["lambda"]))
 
 
 def pareto_front(points):
@@ -402,10 +408,11 @@ def pareto_section(s, paths, passes, sweep, control, windows, decode_windows, de
     K, E, n, T = cfg.num_experts_per_tok, cfg.n_routed_experts, s.pareto_windows, windows.shape[1] - 1
     first = {name: p._replace(indices=[idx[:n] for idx in p.indices], nll=p.nll[:n], top1=p.top1[:n])
              for name, p in passes.items()}  # the batched passes, cut to the Pareto windows
-    for m in sweep:  # each sweep model's batched pass, once for every cache
-        net = checkpoint.load_model(m["path"], device, dtype)
-        first[m["path"]] = teacher_forced(net, windows[:n], s.batch_size)
-        del net
+    for m in sweep:  # each plainly routed sweep model's batched pass, once for every cache
+        if m["rule"] is None:
+            net = checkpoint.load_model(m["path"], device, dtype)
+            first[m["path"]] = teacher_forced(net, windows[:n], s.batch_size)
+            del net
         tick()
     caches = []
     for capacity in capacity_grid(s.pareto_multiples, K, E):
@@ -425,7 +432,17 @@ def pareto_at(s, paths, first, sweep, control, windows, capacity, device, dtype,
     families = {"base + cache-aware": [{"model": "base", **plain_point(first["base"], capacity, base_top1)}],
                 "ReMoE + cache-aware": [{"model": "tuned", **plain_point(first["tuned"], capacity, base_top1)}]}
     runs = {"base + cache-aware": ("base", paths["base"]), "ReMoE + cache-aware": ("tuned", paths["tuned"])}
+    def measure(family, name, path, bias, keep=None, margin=0.0, **extra):  # one cache-aware point, its trace kept
+        point, top1, trace = cache_aware(path, windows, capacity, bias, device, dtype, keep, margin)
+        key = f"pareto_{len(traces)}"
+        traces[key] = trace.permute(2, 0, 1, 3)  # (N, T, L, K) -> (L, N, T, K), as the routing traces
+        families.setdefault(family, []).append({"model": name, **extra, **point, "trace": key,
+                                                "top1_agreement_with_base": (top1 == base_top1).double().mean().item()})
+        tick()
+
     for m in sweep:
+        if m["rule"] is not None:  # trained under cache-aware routing: measured under it, below
+            continue
         point = {"model": m["path"], "lambda": m["lambda"], "anchor": m["anchor"],
                  **plain_point(first[m["path"]], capacity, base_top1)}
         if m is control:
@@ -439,13 +456,11 @@ def pareto_at(s, paths, first, sweep, control, windows, capacity, device, dtype,
     rules = [(b, None, 0.0) for b in s.cache_bias] + [(0.0, s.pareto_keep, m) for m in s.pareto_margins]
     for bias, keep, margin in rules:  # (bias, J, margin) of each cache-aware point
         for family, (name, path) in runs.items():
-            point, top1, trace = cache_aware(path, windows, capacity, bias, device, dtype, keep, margin)
-            key = f"pareto_{len(traces)}"
-            traces[key] = trace.permute(2, 0, 1, 3)  # (N, T, L, K) -> (L, N, T, K), as the routing traces
-            family = family if keep is None else family.replace("cache-aware", guaranteed)
-            families[family].append({"model": name, **point, "trace": key,
-                                     "top1_agreement_with_base": (top1 == base_top1).double().mean().item()})
-            tick()
+            measure(family if keep is None else family.replace("cache-aware", guaranteed), name, path, bias, keep, margin)
+    for m in sweep:  # ReMoE trained under cache-aware routing, run under the same routing
+        if m["rule"] is not None:
+            measure(f"ReMoE trained under {m['routing']} ({m['anchor']})", m["path"], m["path"],
+                    **{"bias": 0.0, **m["rule"], "lambda": m["lambda"], "anchor": m["anchor"]})
     base_point = families["base + cache-aware"][0]
     for pts in families.values():
         for p in pts:
@@ -1117,10 +1132,11 @@ def run(s, log=print):
                                                   "windows": W}, "environment": header["environment"]}
     traces = {}
     control = next((m for m in sweep if m["lambda"] == 0 and m["anchor"] == anchor_of(s.tuned)
-                    and m["reuse_set"] == "window"), None)
+                    and m["reuse_set"] == "window" and not m["routing"]), None)
     pareto_caps = capacity_grid(s.pareto_multiples, K, E)
     progress = Progress(2 + 2 * len(cache.POLICIES) * len(caps) + len(sweep) + len(pareto_caps)
-                        * (1 + (len(s.cache_bias) + len(s.pareto_margins)) * (2 + (control is not None)))
+                        * (1 + (len(s.cache_bias) + len(s.pareto_margins)) * (2 + (control is not None))
+                           + sum(m["rule"] is not None for m in sweep))
                         + len(dec_caps) + 1 + s.llama + s.peers)
 
     progress.section("quality")

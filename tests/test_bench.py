@@ -31,6 +31,7 @@ from tiny import assert_cli_errors, finetune_args, load_oracle, random_ids, read
 REPO = Path(__file__).resolve().parent.parent
 MAIN = "ds2-mla-greedy"  # tests/tiny.py's variant with 8 experts, top-3, layer 0 dense then 2 MoE layers
 SEQ_LEN, WINDOWS = 32, 4
+ROUTED = "keep:1:0.05"  # a sweep run trained under the guaranteed rule
 PARETO = ["1", "2"]  # the front at top-k and 2 x top-k (--quick alone: 2 x top-k)
 SMALL = ["--seq-len", str(SEQ_LEN), "--windows", str(WINDOWS), "--threads", "1", "--device", "cpu"]  # CPU references
 
@@ -46,6 +47,7 @@ def pair(corpus, base_run, tmp_path_factory):
     with contextlib.redirect_stdout(io.StringIO()):
         train.main(finetune_args(corpus, out))
         train.main(finetune_args(corpus, out, "--stage-steps", "2,0,0", "--sweep", "0,1"))  # the control and a front
+        train.main(finetune_args(corpus, out, "--stage-steps", "2,0,0", "--sweep", "0", "--train-routing", ROUTED))
     return {"corpus": corpus, "base": out / "base", "tuned": out / "remoe", "data_dir": out / "data", "root": out,
             "sweep": out / "sweep"}
 
@@ -216,12 +218,16 @@ def test_pareto_points_against_a_resident_loop(run, truth, pair):
     assert pa["keep"] == J and pa["margins"] == list(bench.QUICK["pareto_margins"])
     nets = {"base": truth["base"]["net"], "tuned": truth["tuned"]["net"],
             **{str(pair["sweep"] / d / "remoe"): checkpoint.load_model(pair["sweep"] / d / "remoe")
-               for d in ("distill-lambda0", "distill-lambda1")}}
+               for d in ("distill-lambda0", "distill-lambda1", "distill-keep10.05-lambda0")}}
     for entry in pa["caches"]:
         c = entry["capacity"]
         assert set(entry["families"]) == {"base + cache-aware", "ReMoE + cache-aware", "lambda=0 control + cache-aware",
                                           "ReMoE lambda sweep (distill)", f"base + guaranteed J={J}",
-                                          f"ReMoE + guaranteed J={J}", f"lambda=0 control + guaranteed J={J}"}
+                                          f"ReMoE + guaranteed J={J}", f"lambda=0 control + guaranteed J={J}",
+                                          f"ReMoE trained under {ROUTED} (distill)"}
+        # the run trained under the rule is measured under it, not by plain routing
+        assert [(p["keep"], p["margin"], p["lambda"]) for p in entry["families"][f"ReMoE trained under {ROUTED} (distill)"]] \
+            == [(1, 0.05, 0.0)]
         for family, pts in entry["families"].items():
             for p in pts:
                 check_point(p, family, nets[p["model"]], windows, c, J, base_top1, run, entry)
@@ -252,7 +258,7 @@ def check_point(p, family, net, windows, c, J, base_top1, run, entry):
         assert p["window_nll"] == pytest.approx(per_window.tolist(), rel=1e-5)
         top1 = logits.argmax(-1)
     else:
-        assert ("guaranteed" in family) == ("keep" in p) and p.get("keep", J) == J
+        assert ("guaranteed" in family or "trained under" in family) == ("keep" in p) and p.get("keep", J) == J
         rate, ppl, top1, agreement, kl = resident_cache_aware(net, windows, c, p["bias"], p.get("keep"),
                                                               p.get("margin", 0.0))
         assert p["agreement"] == pytest.approx(agreement) and p["kl"] == pytest.approx(kl, rel=1e-4, abs=1e-7)

@@ -1463,8 +1463,10 @@ def plot_hit_rate(r, fig):
 def plot_pareto(r, fig):
     """Perplexity against hit rate, one panel per cache: every approach's points, its front drawn as a line."""
     caches = r["pareto"]["caches"]
-    for ax, pa in zip(np.atleast_1d(fig.subplots(1, len(caches), sharey=True)), caches):
+    axes = np.atleast_1d(fig.subplots(1, len(caches), sharey=True))
+    for ax, pa in zip(axes, caches):
         pareto_panel(ax, pa)
+    axes[0].legend(fontsize=7)  # the same families in every panel
 
 
 def pareto_panel(ax, pa):
@@ -1482,7 +1484,6 @@ def pareto_panel(ax, pa):
     ax.set(xlabel=f"LRU hit rate, {pa['capacity']} experts per MoE layer", ylabel="perplexity (lower is better)",
            title=f"Cache {pa['capacity']}: hit rate against perplexity")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
 
 
 def plot_decode_time(r, fig):

@@ -68,7 +68,7 @@ class Settings:
     # the Pareto front at caches of m x top-k (`pareto_multiples`; 2 x top-k is the headline), on the first
     # `pareto_windows` windows: ReMoE's lambda sweep
     # (`python train.py --sweep ...` writes it to SWEEP/ANCHOR-lambdaX/remoe), training-free cache-aware routing
-    # (a bonus on cached experts' router scores, i.e. probabilities under softmax, measured sequentially), both
+    # (a bonus on cached experts' router scores, i.e. probabilities under softmax, routed token by token), both
     # combined, and the lambda = 0 control with and without it. Biases from 0.005, which tips only the close
     # calls between the K-th and the next expert, to 0.1, more than a top choice's whole score among 32 experts.
     # The guaranteed mode keeps each token's true top-J (`pareto_keep`) and lets the other K - J go to cached
@@ -154,7 +154,7 @@ def check_settings(s, cfg, caps):
     if any(not b > 0 for b in s.cache_bias) or any(not m > 0 for m in s.pareto_margins):
         raise UserError(f"--cache-bias and --pareto-margins values must be > 0 (0 is plain routing), got "
                         f"{list(s.cache_bias)} and {list(s.pareto_margins)}")
-    if not 0 <= s.pareto_keep < cfg.num_experts_per_tok:
+    if s.only is None and not 0 <= s.pareto_keep < cfg.num_experts_per_tok:  # the front's; --only decode has none
         raise UserError(f"--pareto-keep must be between 0 and top-k - 1 ({cfg.num_experts_per_tok - 1}; top-k is "
                         f"plain routing), got {s.pareto_keep}")
     if s.decode_tokens < 2 or s.prompt_tokens < 1:
@@ -283,17 +283,19 @@ def cache_study(indices, capacities, tick):
 
 # ----------------------------------------------------------------------------------------------
 # The Pareto front: what ReMoE buys, against what cache-aware routing gives without training. Every
-# point is one model and one routing rule on the same windows: its LRU hit rate at a cache of 2 x top-k
+# point is one model and one routing rule on the same windows: its LRU hit rate at a cache of m x top-k
 # (x) and its perplexity (y). Cache-aware routing depends on the cache, so its routing cannot be
-# replayed from a trace: it is measured by teacher-forced decoding one token per step through the
-# offload engine, which gives its hit rate and, from the same logits, its perplexity.
+# replayed from a plain trace: a batched teacher-forced pass routes each token as the offload engine
+# would, through an LRU cache simulated token by token (cache.steered), and gives its hit rate and,
+# from the same logits, its perplexity.
 
 PARETO_METHOD = ("one point per model and routing rule on the same first windows: hit rate of an LRU cache of the "
                  "stated size per MoE layer, cold at each window, and perplexity. Plain routing: the model's batched "
                  "pass, its routing replayed by cache.simulate. Cache-aware routing adds `bias` to the router scores "
                  "of the experts the layer's cache holds before the top-k (model.Gate's bonus; the combine weights "
-                 "stay the unbiased scores), measured by teacher-forced decoding one token per step through "
-                 "OffloadEngine; the guaranteed mode (offload_infer.py --cache-keep J --cache-margin M) keeps each "
+                 "stay the unbiased scores), measured by one batched teacher-forced pass that routes each token as "
+                 "OffloadEngine decoding one token per step does, over an LRU cache per window simulated token by "
+                 "token (cache.steered); the guaranteed mode (offload_infer.py --cache-keep J --cache-margin M) keeps each "
                  "token's true top-J and fills the other K - J slots with the best cached experts scoring at least the "
                  "K-th best score minus M, else the best remaining ones. ReMoE trained under cache-aware routing (train.py "
                  "--train-routing bias:B or keep:J:M over an LRU cache of 2 x top-k) runs under the routing it was trained "
@@ -306,34 +308,20 @@ BUDGETS = (0.0, 0.005, 0.01, 0.02, 0.05)  # perplexity allowed above the base mo
 
 
 @torch.no_grad()
-def cache_aware(path, windows, capacity, bias, device, dtype, keep=None, margin=0.0):
+def cache_aware(path, windows, capacity, bias, device, dtype=None, keep=None, margin=0.0, batch_size=8):
     """One cache-aware point of a model on `windows` (N, T+1), with a bias or the guaranteed mode (keep, margin):
-    hit rate, loads per token, perplexity, agreement and KL; its top-1 predictions (N, T), routing (N, T, L, K)."""
-    opts = oi.OffloadConfig(cache=capacity, policy="lru", cache_bias=bias, cache_keep=keep, cache_margin=margin,
-                            device=str(device), dtype=dtype)
-    engine = oi.OffloadEngine(path, opts)
-    nll, top1 = [], []  # summed next-token loss per window, top-1 per token
-    try:
-        for w in windows:
-            engine.reset_cache()  # cold start per window, as in the cache study
-            kv, ids = model.KVCache(), w.to(engine.device)
-            nll.append(0.0)
-            for t in range(len(w) - 1):
-                logits = engine.step(ids[None, t:t + 1], kv)[0, -1]  # (V,)
-                nll[-1] += F.cross_entropy(logits.float()[None], ids[None, t + 1]).item()
-                top1.append(logits.argmax().item())
-    finally:
-        engine.close()
-    tot = engine.record.totals()
-    N, T = windows.shape[0], windows.shape[1] - 1
-    # each step's routing holds, per MoE layer, the one token's K ids
-    K = engine.cfg.num_experts_per_tok
-    trace = torch.tensor([[layer[0] for layer in step] for step in engine.record.trace()]).view(N, T, -1, K)
-    layers = cache.simulate(cache.token_traces(list(trace.permute(2, 0, 1, 3))), "lru", capacity).layer_hit_rates()
-    point = {"bias": bias, **({"keep": keep, "margin": margin} if keep is not None else {}), "hit_rate": tot.hit_rate,
-             "loads_per_token": tot.misses_per_token, "perplexity": perplexity(sum(nll), N * T), "window_nll": nll,
-             "agreement": tot.agreement, "kl": tot.kl, "layer_hit_rates": layers}
-    return point, torch.tensor(top1).view(N, T), trace  # trace (N, T, L, K)
+    hit rate, loads per token, perplexity, agreement and KL; its top-1 predictions (N, T), routing (N, T, L, K).
+    One batched teacher-forced pass under cache.steered, which routes every token as the offload engine does
+    decoding one token per step (an LRU cache per window, cold at its start)."""
+    net = checkpoint.load_model(path, device, dtype or torch.float32)
+    rule, drift = {"bias": bias} if keep is None else {"keep": keep, "margin": margin}, []
+    with cache.steered(net, capacity, rule, drift):
+        p = teacher_forced(net, windows, batch_size)
+    agreement, kl = (torch.cat([d[i] for d in drift]).double().mean().item() for i in (0, 1))  # over tokens and layers
+    point = {**plain_point(p, capacity, p.top1), "bias": bias, **({"keep": keep, "margin": margin} if keep is not None
+                                                                  else {}), "agreement": agreement, "kl": kl}
+    del point["top1_agreement_with_base"]  # against the base model: the caller's
+    return point, p.top1, torch.stack(p.indices, 2)  # trace (N, T, L, K)
 
 
 def plain_point(p, capacity, base_top1):
@@ -416,7 +404,7 @@ def pareto_section(s, paths, passes, sweep, control, windows, decode_windows, de
         tick()
     caches = []
     for capacity in capacity_grid(s.pareto_multiples, K, E):
-        entry = pareto_at(s, paths, first, sweep, control, windows[:n], capacity, device, name, traces, tick)
+        entry = pareto_at(s, paths, first, sweep, control, windows[:n], capacity, device, dtype, traces, tick)
         entry["decode"] = best_point_decode(s, paths, entry, decode_windows, capacity, device, name)
         caches.append(entry)
         tick()
@@ -433,7 +421,7 @@ def pareto_at(s, paths, first, sweep, control, windows, capacity, device, dtype,
                 "ReMoE + cache-aware": [{"model": "tuned", **plain_point(first["tuned"], capacity, base_top1)}]}
     runs = {"base + cache-aware": ("base", paths["base"]), "ReMoE + cache-aware": ("tuned", paths["tuned"])}
     def measure(family, name, path, bias, keep=None, margin=0.0, **extra):  # one cache-aware point, its trace kept
-        point, top1, trace = cache_aware(path, windows, capacity, bias, device, dtype, keep, margin)
+        point, top1, trace = cache_aware(path, windows, capacity, bias, device, dtype, keep, margin, s.batch_size)
         key = f"pareto_{len(traces)}"
         traces[key] = trace.permute(2, 0, 1, 3)  # (N, T, L, K) -> (L, N, T, K), as the routing traces
         families.setdefault(family, []).append({"model": name, **extra, **point, "trace": key,

@@ -27,6 +27,7 @@ import torch
 
 import checkpoint
 import cli
+import model
 
 POLICIES = ("lru", "lfu", "belady")
 
@@ -305,12 +306,13 @@ def parse_routing(text, top_k):
                         f"(top-k {top_k}) and M > 0")
 
 
-def steered_route(gate, x, capacity, rule):
+def steered_route(gate, x, capacity, rule, drift=None):
     """The gate's outputs for x (B, T, D) under cache-aware routing as the offload engine runs it: token by
     token, each sequence with its own LRU cache of `capacity` experts (cold at its start) holding what the
     steered choices before the token loaded. Exact for a whole batch: a layer's scores depend on no choice of
     that layer. The choice is not differentiable; the chosen experts' weights carry gradients as usual.
-    Returns indices (B*T, K), weights (B*T, K), scores (B*T, E), the tokens in x's order."""
+    Returns indices (B*T, K), weights (B*T, K), scores (B*T, E), the tokens in x's order. With a list `drift`,
+    appends each token step's model.routing_drift (agreement, KL), each (B,), against the gate's own choice."""
     B, T, _ = x.shape
     caches, out = [ExpertCache(capacity) for _ in range(B)], []
     for t in range(T):
@@ -320,6 +322,8 @@ def steered_route(gate, x, capacity, rule):
         held = held.to(x.device)
         steer = {"bonus": held * rule["bias"]} if "bias" in rule else {"cached": held, **rule}
         indices, weights, scores = gate(x[:, t], **steer)  # (B, K), (B, K), (B, E)
+        if drift is not None:
+            drift.append(model.routing_drift(scores, gate(x[:, t])[0], indices))
         for c, experts in zip(caches, indices.tolist()):
             c.request(needed_experts([experts]))
         out.append((indices, weights, scores))
@@ -327,15 +331,15 @@ def steered_route(gate, x, capacity, rule):
 
 
 @contextmanager
-def steered(model, capacity, rule):
-    """Within the block every MoE layer of `model` routes by steered_route (rule None: plain routing)."""
-    before = [m.route for m in model.moes()]
-    for m in model.moes():
-        m.route = partial(steered_route, capacity=capacity, rule=rule) if rule else None
+def steered(net, capacity, rule, drift=None):
+    """Within the block every MoE layer of `net` routes by steered_route (rule None: plain routing)."""
+    before = [m.route for m in net.moes()]
+    for m in net.moes():
+        m.route = partial(steered_route, capacity=capacity, rule=rule, drift=drift) if rule else None
     try:
-        yield model
+        yield net
     finally:
-        for m, route in zip(model.moes(), before):
+        for m, route in zip(net.moes(), before):
             m.route = route
 
 

@@ -136,7 +136,7 @@ def test_routing_drift_by_brute_force():
 
 @pytest.mark.parametrize("rule", [dict(keep=1, margin=0.05), dict(keep=0, margin=0.2), dict(bias=0.1)])
 def test_cache_aware_point_against_a_resident_loop(rule, tiny, loaded):
-    """bench.cache_aware (the offload engine, teacher-forced one token per step) recomputed: hit rate,
+    """bench.cache_aware (one batched pass under cache.steered) recomputed: hit rate,
     perplexity, top-1, agreement and KL from oracles.resident_cache_aware."""
     _, path = tiny(MAIN)
     net = loaded(MAIN)
@@ -257,7 +257,7 @@ def test_training_runs_under_its_routing(corpus, base_run, tmp_path, monkeypatch
     with contextlib.redirect_stdout(io.StringIO()):
         train.main(finetune_args(corpus, tmp_path, "--stage-steps", "2,0,1", "--sweep", "0", "--train-routing",
                                  "keep:1:0.05"))
-    rule = {"capacity": 2 * K, "rule": {"keep": 1, "margin": 0.05}}
+    rule = {"capacity": 2 * K, "rule": {"keep": 1, "margin": 0.05}, "drift": None}
     L = len(checkpoint.read_config(tmp_path / "base").moe_layers)
     assert seen == [[rule] * L, "base"] * 3  # stages of 2, 0 and 1 steps
     folder = train.sweep_dir(tmp_path, "distill", 0.0, routing="keep:1:0.05")

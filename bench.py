@@ -392,7 +392,7 @@ def verdict(families, base_ppl):
 def pareto_section(s, paths, passes, sweep, control, windows, decode_windows, device, dtype, traces, tick):
     """The front at each cache of s.pareto_multiples x top-k: every family's points with their intervals, the
     verdict per budget, and the same-token decode speedup of the best point within +0.5% (DECODE_BUDGET)."""
-    cfg, name = checkpoint.read_config(paths["base"]), str(dtype).removeprefix("torch.")
+    cfg, dtype_name = checkpoint.read_config(paths["base"]), str(dtype).removeprefix("torch.")
     K, E, n, T = cfg.num_experts_per_tok, cfg.n_routed_experts, s.pareto_windows, windows.shape[1] - 1
     first = {name: p._replace(indices=[idx[:n] for idx in p.indices], nll=p.nll[:n], top1=p.top1[:n])
              for name, p in passes.items()}  # the batched passes, cut to the Pareto windows
@@ -405,7 +405,7 @@ def pareto_section(s, paths, passes, sweep, control, windows, decode_windows, de
     caches = []
     for capacity in capacity_grid(s.pareto_multiples, K, E):
         entry = pareto_at(s, paths, first, sweep, control, windows[:n], capacity, device, dtype, traces, tick)
-        entry["decode"] = best_point_decode(s, paths, entry, decode_windows, capacity, device, name)
+        entry["decode"] = best_point_decode(s, paths, entry, decode_windows, capacity, device, dtype_name)
         caches.append(entry)
         tick()
     return {"method": PARETO_METHOD, "capacity": min(2 * K, E), "windows": n, "tokens": n * T,
@@ -420,6 +420,7 @@ def pareto_at(s, paths, first, sweep, control, windows, capacity, device, dtype,
     families = {"base + cache-aware": [{"model": "base", **plain_point(first["base"], capacity, base_top1)}],
                 "ReMoE + cache-aware": [{"model": "tuned", **plain_point(first["tuned"], capacity, base_top1)}]}
     runs = {"base + cache-aware": ("base", paths["base"]), "ReMoE + cache-aware": ("tuned", paths["tuned"])}
+
     def measure(family, name, path, bias, keep=None, margin=0.0, **extra):  # one cache-aware point, its trace kept
         point, top1, trace = cache_aware(path, windows, capacity, bias, device, dtype, keep, margin, s.batch_size)
         key = f"pareto_{len(traces)}"

@@ -66,9 +66,10 @@ class Settings:
     # cache study: capacities as multiples of top-k, capped at E, plus E itself
     capacities: list | None = None
     capacity_multiples: tuple = (1, 1.5, 2, 3, 4, 6, 8)
-    # the Pareto front at a cache of 2 x top-k, on the first `pareto_windows` windows: ReMoE's lambda sweep
+    # the Pareto front at caches of m x top-k (`pareto_multiples`; 2 x top-k is the headline), on the first
+    # `pareto_windows` windows: ReMoE's lambda sweep
     # (`python train.py --sweep ...` writes it to SWEEP/ANCHOR-lambdaX/remoe), training-free cache-aware routing
-    # (a bonus on cached experts' router scores, i.e. probabilities under softmax, measured sequentially), both
+    # (a bonus on cached experts' router scores, i.e. probabilities under softmax, routed token by token), both
     # combined, and the lambda = 0 control with and without it. Biases from 0.005, which tips only the close
     # calls between the K-th and the next expert, to 0.1, more than a top choice's whole score among 32 experts.
     # The guaranteed mode keeps each token's true top-J (`pareto_keep`) and lets the other K - J go to cached
@@ -78,6 +79,7 @@ class Settings:
     pareto_keep: int = 2
     pareto_margins: tuple = (0.005, 0.01, 0.02, 0.05)
     pareto_windows: int = 16
+    pareto_multiples: tuple = (1, 2, 4)
     # decode: offloaded decoding of the same held-out windows by every contender (teacher forcing)
     decode_capacities: list | None = None
     decode_multiples: tuple = (1, 2, 4)
@@ -102,7 +104,7 @@ class Settings:
 
 # --quick also pins one CPU thread: with two, a small model's OpenMP threads spin-wait on each other on a shared machine
 QUICK = dict(windows=8, capacity_multiples=(1, 2, 4), pareto_windows=2, cache_bias=(0.05,), pareto_keep=1,
-             pareto_margins=(0.05,), llama_multiples=(2,),
+             pareto_margins=(0.05,), pareto_multiples=(2,), llama_multiples=(2,),
              llama_tokens=48, llama_repeats=1,
              decode_multiples=(2,), decode_windows=3, decode_tokens=16, repeats=2, threads=1)
 
@@ -153,7 +155,7 @@ def check_settings(s, cfg, caps):
     if any(not b > 0 for b in s.cache_bias) or any(not m > 0 for m in s.pareto_margins):
         raise UserError(f"--cache-bias and --pareto-margins values must be > 0 (0 is plain routing), got "
                         f"{list(s.cache_bias)} and {list(s.pareto_margins)}")
-    if not 0 <= s.pareto_keep < cfg.num_experts_per_tok:
+    if s.only is None and not 0 <= s.pareto_keep < cfg.num_experts_per_tok:  # the front's; --only decode has none
         raise UserError(f"--pareto-keep must be between 0 and top-k - 1 ({cfg.num_experts_per_tok - 1}; top-k is "
                         f"plain routing), got {s.pareto_keep}")
     if s.decode_tokens < 2 or s.prompt_tokens < 1:
@@ -161,6 +163,9 @@ def check_settings(s, cfg, caps):
                         f"{s.prompt_tokens}")
     if s.llama_repeats < 1 or s.llama_tokens < 1 or any(not m > 0 for m in s.llama_multiples):
         raise UserError("--llama-repeats, --llama-tokens and --llama-multiples must be > 0")
+    if 2 not in s.pareto_multiples or any(not m > 0 for m in s.pareto_multiples):
+        raise UserError(f"--pareto-multiples must be > 0 and include 2 (the headline cache, 2 x top-k), got "
+                        f"{list(s.pareto_multiples)}")
     if not s.decode_bias > 0:
         raise UserError(f"--decode-bias must be > 0, got {s.decode_bias}")
     if s.prompt_tokens + s.decode_tokens > ctx:
@@ -279,19 +284,23 @@ def cache_study(indices, capacities, tick):
 
 # ----------------------------------------------------------------------------------------------
 # The Pareto front: what ReMoE buys, against what cache-aware routing gives without training. Every
-# point is one model and one routing rule on the same windows: its LRU hit rate at a cache of 2 x top-k
+# point is one model and one routing rule on the same windows: its LRU hit rate at a cache of m x top-k
 # (x) and its perplexity (y). Cache-aware routing depends on the cache, so its routing cannot be
-# replayed from a trace: it is measured by teacher-forced decoding one token per step through the
-# offload engine, which gives its hit rate and, from the same logits, its perplexity.
+# replayed from a plain trace: a batched teacher-forced pass routes each token as the offload engine
+# would, through an LRU cache simulated token by token (cache.steered), and gives its hit rate and,
+# from the same logits, its perplexity.
 
 PARETO_METHOD = ("one point per model and routing rule on the same first windows: hit rate of an LRU cache of the "
                  "stated size per MoE layer, cold at each window, and perplexity. Plain routing: the model's batched "
                  "pass, its routing replayed by cache.simulate. Cache-aware routing adds `bias` to the router scores "
                  "of the experts the layer's cache holds before the top-k (model.Gate's bonus; the combine weights "
-                 "stay the unbiased scores), measured by teacher-forced decoding one token per step through "
-                 "OffloadEngine; the guaranteed mode (offload_infer.py --cache-keep J --cache-margin M) keeps each "
+                 "stay the unbiased scores), measured by one batched teacher-forced pass that routes each token as "
+                 "OffloadEngine decoding one token per step does, over an LRU cache per window simulated token by "
+                 "token (cache.steered); the guaranteed mode (offload_infer.py --cache-keep J --cache-margin M) keeps each "
                  "token's true top-J and fills the other K - J slots with the best cached experts scoring at least the "
-                 "K-th best score minus M, else the best remaining ones. Agreement: the fraction of chosen (token, "
+                 "K-th best score minus M, else the best remaining ones. ReMoE trained under cache-aware routing (train.py "
+                 "--train-routing bias:B or keep:J:M over an LRU cache of 2 x top-k) runs under the routing it was trained "
+                 "for. Agreement: the fraction of chosen (token, "
                  "expert) pairs in the router's own top-k on the same hidden state; KL: KL(true || used routing "
                  "weights) per token and MoE layer (model.routing_drift), 1 and 0 for plain routing. The lambda = 0 "
                  "control is the same ReMoE pipeline without the reuse loss: router "
@@ -300,38 +309,27 @@ BUDGETS = (0.0, 0.005, 0.01, 0.02, 0.05)  # perplexity allowed above the base mo
 
 
 @torch.no_grad()
-def cache_aware(path, windows, capacity, bias, device, dtype, keep=None, margin=0.0):
+def cache_aware(path, windows, capacity, bias, device, dtype=None, keep=None, margin=0.0, batch_size=8):
     """One cache-aware point of a model on `windows` (N, T+1), with a bias or the guaranteed mode (keep, margin):
-    hit rate, loads per token, perplexity, agreement and KL; its top-1 predictions (N, T), routing (N, T, L, K)."""
-    opts = oi.OffloadConfig(cache=capacity, policy="lru", cache_bias=bias, cache_keep=keep, cache_margin=margin,
-                            device=str(device), dtype=dtype)
-    engine = oi.OffloadEngine(path, opts)
-    nll, top1 = [], []  # summed next-token loss per window, top-1 per token
-    try:
-        for w in windows:
-            engine.reset_cache()  # cold start per window, as in the cache study
-            kv, ids = model.KVCache(), w.to(engine.device)
-            nll.append(0.0)
-            for t in range(len(w) - 1):
-                logits = engine.step(ids[None, t:t + 1], kv)[0, -1]  # (V,)
-                nll[-1] += F.cross_entropy(logits.float()[None], ids[None, t + 1]).item()
-                top1.append(logits.argmax().item())
-    finally:
-        engine.close()
-    tot = engine.record.totals()
-    N, T = windows.shape[0], windows.shape[1] - 1
-    # each step's routing holds, per MoE layer, the one token's K ids
-    trace = torch.tensor([[layer[0] for layer in step] for step in engine.record.trace()])  # (N*T, L, K)
-    point = {"bias": bias, **({"keep": keep, "margin": margin} if keep is not None else {}), "hit_rate": tot.hit_rate,
-             "loads_per_token": tot.misses_per_token, "perplexity": perplexity(sum(nll), N * T), "window_nll": nll,
-             "agreement": tot.agreement, "kl": tot.kl}
-    return point, torch.tensor(top1).view(N, T), trace.view(N, T, *trace.shape[1:])
+    hit rate, loads per token, perplexity, agreement and KL; its top-1 predictions (N, T), routing (N, T, L, K).
+    One batched teacher-forced pass under cache.steered, which routes every token as the offload engine does
+    decoding one token per step (an LRU cache per window, cold at its start)."""
+    net = checkpoint.load_model(path, device, dtype or torch.float32)
+    rule, drift = {"bias": bias} if keep is None else {"keep": keep, "margin": margin}, []
+    with cache.steered(net, capacity, rule, drift):
+        p = teacher_forced(net, windows, batch_size)
+    agreement, kl = (torch.cat([d[i] for d in drift]).double().mean().item() for i in (0, 1))  # over tokens and layers
+    point = {**plain_point(p, capacity, p.top1), "bias": bias, **({"keep": keep, "margin": margin} if keep is not None
+                                                                  else {}), "agreement": agreement, "kl": kl}
+    del point["top1_agreement_with_base"]  # against the base model: the caller's
+    return point, p.top1, torch.stack(p.indices, 2)  # trace (N, T, L, K)
 
 
 def plain_point(p, capacity, base_top1):
     """The same figures for a model's plain routing, from its batched pass p (TeacherForced) and LRU replay."""
     r = cache.simulate(cache.token_traces(p.indices), "lru", capacity)
     return {"bias": 0.0, "hit_rate": r.hit_rate, "loads_per_token": r.misses_per_token, "agreement": 1.0, "kl": 0.0,
+            "layer_hit_rates": r.layer_hit_rates(),
             "perplexity": perplexity(p.nll.sum().item(), p.top1.numel()), "window_nll": p.nll.tolist(),
             "top1_agreement_with_base": (p.top1 == base_top1).double().mean().item()}
 
@@ -352,14 +350,18 @@ def anchor_of(tuned):
 
 def sweep_models(folder, base):
     """The tuned models `python train.py --sweep` left under `folder` (ANCHOR-lambdaX/remoe), each checked
-    to be a twin of the base model: [{"path", "anchor", "lambda"}], ordered by anchor and lambda."""
+    to be a twin of the base model: [{"path", "anchor", "reuse_set", "routing", "rule", "lambda"}], ordered by
+    anchor, reuse set, routing and lambda; "routing" is the cache-aware routing it was trained under
+    (train.py --train-routing, "" for none) and "rule" that routing parsed (cache.parse_routing), or None."""
     found = []
     for results in Path(folder).glob("*/remoe/results.json"):
         settings = json.loads(results.read_text()).get("settings", {})
-        check_pair(base, results.parent)
+        cfg, routing = check_pair(base, results.parent), settings.get("train_routing", "")
         found.append({"path": str(results.parent), "anchor": settings.get("anchor", "distill"),
-                      "reuse_set": settings.get("reuse_set", "window"), "lambda": float(settings.get("reuse_weight", math.nan))})
-    return sorted(found, key=lambda m: (m["anchor"], m["reuse_set"], m["lambda"]))
+                      "reuse_set": settings.get("reuse_set", "window"), "routing": routing,
+                      "rule": cache.parse_routing(routing, cfg.num_experts_per_tok) if routing else None,
+                      "lambda": float(settings.get("reuse_weight", math.nan))})
+    return sorted(found, key=lambda m: (m["anchor"], m["reuse_set"], m["routing"], m["lambda"]))
 
 
 def pareto_front(points):
@@ -373,15 +375,111 @@ def pareto_front(points):
 
 def verdict(families, base_ppl):
     """For each perplexity budget (base perplexity x (1 + b)): the best hit rate each family reaches
-    within it (None where none of its points does), and the family that reaches the highest."""
+    within it (None where none of its points does), the family that reaches the highest, and which of
+    its points does (its index in the family)."""
     rows = []
     for b in BUDGETS:
         limit = base_ppl * (1 + b)
         best = {name: max((p["hit_rate"] for p in pts if p["perplexity"] <= limit), default=None)
                 for name, pts in families.items()}
         reached = {name: h for name, h in best.items() if h is not None}
-        rows.append({"budget": b, "best_hit_rate": best, "winner": max(reached, key=reached.get) if reached else None})
+        winner = max(reached, key=reached.get) if reached else None
+        index = next(i for i, p in enumerate(families[winner]) if p["perplexity"] <= limit
+                     and p["hit_rate"] == reached[winner]) if winner else None
+        rows.append({"budget": b, "best_hit_rate": best, "winner": winner, "winner_index": index})
     return rows
+
+
+def pareto_section(s, paths, passes, sweep, control, windows, decode_windows, device, dtype, traces, tick):
+    """The front at each cache of s.pareto_multiples x top-k: every family's points with their intervals, the
+    verdict per budget, and the same-token decode speedup of the best point within +0.5% (DECODE_BUDGET)."""
+    cfg, dtype_name = checkpoint.read_config(paths["base"]), str(dtype).removeprefix("torch.")
+    K, E, n, T = cfg.num_experts_per_tok, cfg.n_routed_experts, s.pareto_windows, windows.shape[1] - 1
+    first = {name: p._replace(indices=[idx[:n] for idx in p.indices], nll=p.nll[:n], top1=p.top1[:n])
+             for name, p in passes.items()}  # the batched passes, cut to the Pareto windows
+    for m in sweep:  # each plainly routed sweep model's batched pass, once for every cache
+        if m["rule"] is None:
+            net = checkpoint.load_model(m["path"], device, dtype)
+            first[m["path"]] = teacher_forced(net, windows[:n], s.batch_size)
+            del net
+        tick()
+    caches = []
+    for capacity in capacity_grid(s.pareto_multiples, K, E):
+        entry = pareto_at(s, paths, first, sweep, control, windows[:n], capacity, device, dtype, traces, tick)
+        entry["decode"] = best_point_decode(s, paths, entry, decode_windows, capacity, device, dtype_name)
+        caches.append(entry)
+        tick()
+    return {"method": PARETO_METHOD, "capacity": min(2 * K, E), "windows": n, "tokens": n * T,
+            "biases": list(s.cache_bias), "keep": s.pareto_keep, "margins": list(s.pareto_margins), "sweep": s.sweep,
+            "caches": caches}
+
+
+def pareto_at(s, paths, first, sweep, control, windows, capacity, device, dtype, traces, tick):
+    """One cache's front: {capacity, families, fronts, verdict, base_perplexity}; the cache-aware points'
+    routing goes to `traces`."""
+    T, base_top1 = windows.shape[1] - 1, first["base"].top1
+    families = {"base + cache-aware": [{"model": "base", **plain_point(first["base"], capacity, base_top1)}],
+                "ReMoE + cache-aware": [{"model": "tuned", **plain_point(first["tuned"], capacity, base_top1)}]}
+    runs = {"base + cache-aware": ("base", paths["base"]), "ReMoE + cache-aware": ("tuned", paths["tuned"])}
+
+    def measure(family, name, path, bias, keep=None, margin=0.0, **extra):  # one cache-aware point, its trace kept
+        point, top1, trace = cache_aware(path, windows, capacity, bias, device, dtype, keep, margin, s.batch_size)
+        key = f"pareto_{len(traces)}"
+        traces[key] = trace.permute(2, 0, 1, 3)  # (N, T, L, K) -> (L, N, T, K), as the routing traces
+        families.setdefault(family, []).append({"model": name, **extra, **point, "trace": key,
+                                                "top1_agreement_with_base": (top1 == base_top1).double().mean().item()})
+        tick()
+
+    for m in sweep:
+        if m["rule"] is not None:  # trained under cache-aware routing: measured under it, below
+            continue
+        point = {"model": m["path"], "lambda": m["lambda"], "anchor": m["anchor"],
+                 **plain_point(first[m["path"]], capacity, base_top1)}
+        if m is control:
+            families["lambda=0 control + cache-aware"] = [point]
+            runs["lambda=0 control + cache-aware"] = (m["path"], Path(m["path"]))
+        elif m["lambda"] > 0:
+            trained_for = ", trained for the LRU cache" if m["reuse_set"] == "cache" else ""
+            families.setdefault(f"ReMoE lambda sweep ({m['anchor']}{trained_for})", []).append(point)
+    guaranteed = f"guaranteed J={s.pareto_keep}"  # its families start, as the others, at plain routing
+    families.update({f.replace("cache-aware", guaranteed): [dict(families[f][0])] for f in runs})
+    rules = [(b, None, 0.0) for b in s.cache_bias] + [(0.0, s.pareto_keep, m) for m in s.pareto_margins]
+    for bias, keep, margin in rules:  # (bias, J, margin) of each cache-aware point
+        for family, (name, path) in runs.items():
+            measure(family if keep is None else family.replace("cache-aware", guaranteed), name, path, bias, keep, margin)
+    for m in sweep:  # ReMoE trained under cache-aware routing, run under the same routing
+        if m["rule"] is not None:
+            measure(f"ReMoE trained under {m['routing']} ({m['anchor']})", m["path"], m["path"],
+                    **{"bias": 0.0, **m["rule"], "lambda": m["lambda"], "anchor": m["anchor"]})
+    base_point = families["base + cache-aware"][0]
+    for pts in families.values():
+        for p in pts:
+            p["perplexity_change_ci95"] = change_interval(p, base_point, T)
+    return {"capacity": capacity, "families": families,
+            "fronts": {name: pareto_front(pts) for name, pts in families.items()},
+            "verdict": verdict(families, base_point["perplexity"]), "base_perplexity": base_point["perplexity"]}
+
+
+DECODE_BUDGET = 0.005  # the budget whose best point is decoded against the base model
+
+
+def best_point_decode(s, paths, entry, windows, capacity, device, dtype):
+    """Same-token decode of the best point within DECODE_BUDGET (its model and routing rule) against the base
+    model's plain routing at `capacity`: {budget, family, point (its index), contenders (summarize_runs: each
+    with its speedup over "base")}."""
+    v = next(v for v in entry["verdict"] if v["budget"] == DECODE_BUDGET)
+    p = entry["families"][v["winner"]][v["winner_index"]]  # the base model's plain point is always within
+    rule = dict(cache_bias=p["bias"], cache_keep=p.get("keep"), cache_margin=p.get("margin", 0.0))
+    opts = oi.OffloadConfig(cache=capacity, io="direct", device=str(device), dtype=dtype)
+    engines = {"base": oi.OffloadEngine(paths["base"], opts),
+               "best": oi.OffloadEngine(paths.get(p["model"], p["model"]), replace(opts, **rule))}
+    try:
+        runs = same_token_decode(engines, windows, s.prompt_tokens, warmup=1)
+    finally:
+        for e in engines.values():
+            e.close()
+    return {"budget": DECODE_BUDGET, "family": v["winner"], "point": v["winner_index"],
+            "contenders": summarize_runs(runs, "base")}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1076,10 +1174,12 @@ def run(s, log=print):
                                                   "windows": W}, "environment": header["environment"]}
     traces = {}
     control = next((m for m in sweep if m["lambda"] == 0 and m["anchor"] == anchor_of(s.tuned)
-                    and m["reuse_set"] == "window"), None)
-    progress = Progress(2 + 2 * len(cache.POLICIES) * len(caps) + len(sweep)
-                        + (len(s.cache_bias) + len(s.pareto_margins)) * (2 + (control is not None)) + len(dec_caps)
-                        + 1 + s.llama + s.peers)
+                    and m["reuse_set"] == "window" and not m["routing"]), None)
+    pareto_caps = capacity_grid(s.pareto_multiples, K, E)
+    progress = Progress(2 + 2 * len(cache.POLICIES) * len(caps) + len(sweep) + len(pareto_caps)
+                        * (1 + (len(s.cache_bias) + len(s.pareto_margins)) * (2 + (control is not None))
+                           + sum(m["rule"] is not None for m in sweep))
+                        + len(dec_caps) + 1 + s.llama + s.peers)
 
     progress.section("quality")
     passes, certificate = {}, {}
@@ -1101,46 +1201,8 @@ def run(s, log=print):
                               **{name: cache_study(p.indices, caps, progress.tick) for name, p in passes.items()}}
 
     progress.section("pareto front")
-    capacity, n = min(2 * K, E), s.pareto_windows
-    first = {name: p._replace(indices=[idx[:n] for idx in p.indices], nll=p.nll[:n], top1=p.top1[:n])
-             for name, p in passes.items()}  # the batched passes, cut to the Pareto windows
-    families = {"base + cache-aware": [{"model": "base", **plain_point(first["base"], capacity, first["base"].top1)}],
-                "ReMoE + cache-aware": [{"model": "tuned", **plain_point(first["tuned"], capacity, first["base"].top1)}]}
-    runs = {"base + cache-aware": ("base", paths["base"]), "ReMoE + cache-aware": ("tuned", paths["tuned"])}
-    for m in sweep:
-        net = checkpoint.load_model(m["path"], device, dtype)
-        point = {"model": m["path"], "lambda": m["lambda"], "anchor": m["anchor"],
-                 **plain_point(teacher_forced(net, windows[:n], s.batch_size), capacity, first["base"].top1)}
-        del net
-        if m is control:
-            families["lambda=0 control + cache-aware"] = [point]
-            runs["lambda=0 control + cache-aware"] = (m["path"], Path(m["path"]))
-        elif m["lambda"] > 0:
-            trained_for = ", trained for the LRU cache" if m["reuse_set"] == "cache" else ""
-            families.setdefault(f"ReMoE lambda sweep ({m['anchor']}{trained_for})", []).append(point)
-        progress.tick()
-    guaranteed = f"guaranteed J={s.pareto_keep}"  # its families start, as the others, at plain routing
-    families.update({f.replace("cache-aware", guaranteed): [dict(families[f][0])] for f in runs})
-    rules = [(b, None, 0.0) for b in s.cache_bias] + [(0.0, s.pareto_keep, m) for m in s.pareto_margins]
-    for bias, keep, margin in rules:  # (bias, J, margin) of each cache-aware point
-        for family, (name, path) in runs.items():
-            point, top1, trace = cache_aware(path, windows[:n], capacity, bias, device, dtype_name, keep, margin)
-            key = f"pareto_{len(traces)}"
-            traces[key] = trace.permute(2, 0, 1, 3)  # (N, T, L, K) -> (L, N, T, K), as the routing traces
-            family = family if keep is None else family.replace("cache-aware", guaranteed)
-            families[family].append({"model": name, **point, "trace": key,
-                                     "top1_agreement_with_base": (top1 == first["base"].top1).double().mean().item()})
-            progress.tick()
-    base_point = families["base + cache-aware"][0]
-    for pts in families.values():
-        for p in pts:
-            p["perplexity_change_ci95"] = change_interval(p, base_point, T)
-    base_ppl = base_point["perplexity"]
-    results["pareto"] = {"method": PARETO_METHOD, "capacity": capacity, "windows": n, "tokens": n * T,
-                         "biases": list(s.cache_bias), "keep": s.pareto_keep, "margins": list(s.pareto_margins),
-                         "sweep": s.sweep, "families": families,
-                         "fronts": {name: pareto_front(pts) for name, pts in families.items()},
-                         "verdict": verdict(families, base_ppl), "base_perplexity": base_ppl}
+    results["pareto"] = pareto_section(s, paths, passes, sweep, control, windows, decode_windows, device, dtype,
+                                       traces, progress.tick)
 
     progress.section("decode")
     results["decode"] = decode_section(s, paths, decode_windows, dec_caps, device, dtype_name, log, progress.tick)
@@ -1192,15 +1254,21 @@ LABEL = {"base": "base", "tuned": "ReMoE"}
 POLICY_NAME = {"lru": "LRU", "lfu": "LFU", "belady": "Belady"}
 
 
+def headline(pa):
+    """The front at the headline cache, 2 x top-k."""
+    return next(x for x in pa["caches"] if x["capacity"] == pa["capacity"])
+
+
 def md_summary(r):
     pa, c = r["pareto"], r["pareto"]["capacity"]
+    h = headline(pa)
     out = [f"## Summary: at a cache of {c} experts per MoE layer (2 x top-k)", "",
            f"First {pa['windows']} test windows ({pa['tokens']:,} tokens), LRU, cold start per window. Perplexity "
-           f"budget above the base model's {pa['base_perplexity']:.3f}, and the best hit rate each approach reaches "
+           f"budget above the base model's {h['base_perplexity']:.3f}, and the best hit rate each approach reaches "
            f"within it (methods below):", ""]
-    names = list(pa["families"])
+    names = list(h["families"])
     rows = [[f"+{v['budget']:.1%}"] + [f"{v['best_hit_rate'][n]:.3f}" if v["best_hit_rate"][n] is not None else "-"
-                                      for n in names] + [v["winner"] or "-"] for v in pa["verdict"]]
+                                      for n in names] + [v["winner"] or "-"] for v in h["verdict"]]
     out += table(["perplexity budget"] + names + ["highest hit rate"], rows) + [""]
     row = next((x for x in r["decode"]["rows"] if x["capacity"] == c), None)
     if row is not None:
@@ -1210,7 +1278,19 @@ def md_summary(r):
                 f"{b['ms_per_token_ci95']:.2f}, a speedup of {t['speedup']:.2f}x (95% CI {t['speedup_ci95'][0]:.2f}-"
                 f"{t['speedup_ci95'][1]:.2f}), with expert loads per token going from {b['loads_per_token']:.2f} to "
                 f"{t['loads_per_token']:.2f}.", ""]
-    return out
+    return out + md_best_decode(h)
+
+
+def md_best_decode(entry):
+    """One line: the same-token decode speedup of the best point within +0.5% at this cache."""
+    d = entry["decode"]
+    b, x = d["contenders"]["base"], d["contenders"]["best"]
+    p = entry["families"][d["family"]][d["point"]]
+    return [f"Best point within +{d['budget']:.1%} at cache {entry['capacity']}: {d['family']}, {point_label(p)} "
+            f"(hit rate {p['hit_rate']:.3f}); decoding the same tokens, {x['ms_per_token']:.2f} ms/token vs the "
+            f"base model's {b['ms_per_token']:.2f}, a speedup of {x['speedup']:.2f}x (95% CI "
+            f"{x['speedup_ci95'][0]:.2f}-{x['speedup_ci95'][1]:.2f}), loads per token {b['loads_per_token']:.2f} -> "
+            f"{x['loads_per_token']:.2f}.", ""]
 
 
 def md_quality(r):
@@ -1260,31 +1340,58 @@ def md_cache_study(r):
         header, rows) + [""]
 
 
+def point_label(p):
+    """A point's routing: plain, its bias or margin, with its lambda for a sweep model."""
+    rule = f"bias {p['bias']:g}" if p["bias"] else f"margin {p['margin']:g}" if "margin" in p else ""
+    return " ".join(x for x in (f"lambda {p['lambda']:g}" if "lambda" in p else "", rule) if x) or "plain routing"
+
+
 def md_pareto(r):
     pa = r["pareto"]
-    out = [f"## Pareto front: hit rate at {pa['capacity']} experts per layer against perplexity", "",
+    out = [f"## Pareto front: hit rate at {', '.join(str(x['capacity']) for x in pa['caches'])} experts per layer "
+           f"against perplexity", "",
            f"Method: {pa['method']}. First {pa['windows']} windows ({pa['tokens']:,} tokens); ReMoE sweep from "
-           f"`{pa['sweep']}`" + ("" if any("sweep" in f for f in pa["families"]) else
+           f"`{pa['sweep']}`" + ("" if any("sweep" in f for f in headline(pa)["families"]) else
                                  " (none found: `python train.py --sweep 0,0.05,0.1,0.2` makes it)") + ".", ""]
+    for entry in pa["caches"]:
+        out += [f"### Cache {entry['capacity']}", ""] + md_front(entry)
+    out += ["A point's place against a budget is only as sure as its interval in the table: where the interval spans "
+            "the budget, the verdict at that budget could come out the other way on other windows.", ""]
+    return out + md_layers(r)
+
+
+def md_front(entry):
+    """One cache's points, its verdict per budget and the decode speedup of its best point within +0.5%."""
     rows = []
-    for family, pts in pa["families"].items():
+    for family, pts in entry["families"].items():
         for p in sorted(pts, key=lambda p: p["hit_rate"]):
-            label = (f"lambda {p['lambda']:g}" if "lambda" in p and p["bias"] == 0 else "") + \
-                    (f"bias {p['bias']:g}" if p["bias"] else f"margin {p['margin']:g}" if "margin" in p else
-                     ("" if "lambda" in p else "plain routing"))
-            rows.append([family, label, f"{p['hit_rate']:.3f}", f"{p['loads_per_token']:.2f}", f"{p['perplexity']:.3f}",
-                         f"{p['perplexity'] / pa['base_perplexity'] - 1:+.2%} [{p['perplexity_change_ci95'][0]:+.1%}, "
+            rows.append([family, point_label(p), f"{p['hit_rate']:.3f}", f"{p['loads_per_token']:.2f}",
+                         f"{p['perplexity']:.3f}",
+                         f"{p['perplexity'] / entry['base_perplexity'] - 1:+.2%} [{p['perplexity_change_ci95'][0]:+.1%}, "
                          f"{p['perplexity_change_ci95'][1]:+.1%}]", f"{p['top1_agreement_with_base']:.3f}",
-                         f"{p['agreement']:.3f}", f"{p['kl']:.4f}", "yes" if p in pa["fronts"][family] else ""])
-    out += table(["approach", "point", "hit rate", "loads / token", "perplexity", "vs base (95% CI, paired over windows)",
-                  "top-1 = base", "agreement with top-k", "KL", "on its front"], rows) + [""]
-    for v in pa["verdict"]:
-        reached = {n: h for n, h in v["best_hit_rate"].items() if h is not None}
-        ranking = ", ".join(f"{n} {h:.3f}" for n, h in sorted(reached.items(), key=lambda kv: -kv[1]))
-        out.append(f"- within +{v['budget']:.1%} perplexity of the base model: "
-                   + (f"**{v['winner']}** reaches the highest hit rate ({ranking})" if v["winner"] else "no point"))
-    return out + ["", "A point's place against a budget is only as sure as its interval in the table: where the interval "
-                      "spans the budget, the verdict at that budget could come out the other way on other windows.", ""]
+                         f"{p['agreement']:.3f}", f"{p['kl']:.4f}", "yes" if p in entry["fronts"][family] else ""])
+    out = table(["approach", "point", "hit rate", "loads / token", "perplexity", "vs base (95% CI, paired over windows)",
+                 "top-1 = base", "agreement with top-k", "KL", "on its front"], rows) + [""]
+    rows = [[f"+{v['budget']:.1%}", f"{v['best_hit_rate'][v['winner']]:.3f}", v["winner"],
+             point_label(entry["families"][v["winner"]][v["winner_index"]])] for v in entry["verdict"]]
+    return (out + [f"Verdict at cache {entry['capacity']}: the highest hit rate within each perplexity budget above the "
+                   f"base model's (every family's best: the summary's table at 2 x top-k, results.json at each cache).", ""]
+            + table(["budget", "highest hit rate", "approach", "point"], rows) + [""] + md_best_decode(entry))
+
+
+def md_layers(r):
+    """Per-layer hit rates at 2 x top-k beside the certificate's per-layer figures (the base model's): a gain
+    in a layer whose routing barely matters (random routers cost little there) is worth little."""
+    h, a = headline(r["pareto"]), r["quality"]["ablations"]["base"]["per_layer"]
+    best = h["families"][h["decode"]["family"]][h["decode"]["point"]]
+    base, tuned = h["families"]["base + cache-aware"][0], h["families"]["ReMoE + cache-aware"][0]
+    rows = [[layer, f"{a[layer]['random_router_change']:+.0%} / {a[layer]['routed_experts_off_change']:+.0%}",
+             f"{base['layer_hit_rates'][i]:.3f}", f"{tuned['layer_hit_rates'][i]:.3f}", f"{best['layer_hit_rates'][i]:.3f}"]
+            for i, layer in enumerate(a)]
+    return ([f"Per MoE layer at cache {h['capacity']}: the base model's certificate (perplexity change with random "
+             f"routers / routed experts off in that layer alone) beside the LRU hit rates; best point = the best within "
+             f"+{h['decode']['budget']:.1%} ({h['decode']['family']}, {point_label(best)}).", ""]
+            + table(["layer", "certificate random / off", "hit rate base", "ReMoE", "best point"], rows) + [""])
 
 
 def md_decode(r):
@@ -1428,8 +1535,15 @@ def plot_hit_rate(r, fig):
 
 
 def plot_pareto(r, fig):
-    """Perplexity against hit rate: every approach's points, its front drawn as a line."""
-    ax, pa = fig.subplots(), r["pareto"]
+    """Perplexity against hit rate, one panel per cache: every approach's points, its front drawn as a line."""
+    caches = r["pareto"]["caches"]
+    axes = np.atleast_1d(fig.subplots(1, len(caches), sharey=True))
+    for ax, pa in zip(axes, caches):
+        pareto_panel(ax, pa)
+    axes[0].legend(fontsize=7)  # the same families in every panel
+
+
+def pareto_panel(ax, pa):
     for i, (family, pts) in enumerate(pa["families"].items()):
         color = f"C{i}"
         ax.plot([p["hit_rate"] for p in pts], [p["perplexity"] for p in pts], "o", color=color, ms=4, alpha=0.6)
@@ -1442,9 +1556,8 @@ def plot_pareto(r, fig):
                         fontsize=6, color=color)
     ax.axhline(pa["base_perplexity"], color="grey", lw=0.8, ls=":")
     ax.set(xlabel=f"LRU hit rate, {pa['capacity']} experts per MoE layer", ylabel="perplexity (lower is better)",
-           title="What each approach buys: hit rate against perplexity")
+           title=f"Cache {pa['capacity']}: hit rate against perplexity")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
 
 
 def plot_decode_time(r, fig):
@@ -1498,7 +1611,8 @@ def plots(r, out_dir):
     from matplotlib.figure import Figure
 
     written = []
-    for name, draw, size in (("hit_rate.png", plot_hit_rate, (7, 4.5)), ("pareto.png", plot_pareto, (7, 5)),
+    panels = len(r["pareto"]["caches"])
+    for name, draw, size in (("hit_rate.png", plot_hit_rate, (7, 4.5)), ("pareto.png", plot_pareto, (6 * panels, 5)),
                              ("decode_time.png", plot_decode_time, (6, 4)),
                              ("latency.png", plot_latency, (4.5 * len(r["decode"]["latency"]["profiles"]), 3.5)),
                              ("reuse_per_layer.png", plot_reuse, (4 * len(r["reuse"]["windows"]), 3.5))):
@@ -1588,7 +1702,7 @@ def parse_args(argv=None):
     g.add_argument("--batch-size", type=int, help=f"windows per forward pass {default('batch_size')}")
     g.add_argument("--capacities", type=int, nargs="+", help="experts cached per MoE layer in the cache study "
                                                              + grid("capacity_multiples", ", and all experts"))
-    g = p.add_argument_group("Pareto front (hit rate at 2 x top-k against perplexity)")
+    g = p.add_argument_group("Pareto front (hit rate against perplexity at caches of m x top-k)")
     g.add_argument("--sweep", help=f"folder of `python train.py --sweep` runs, ANCHOR-lambdaX/remoe: ReMoE's front and "
                                    f"the lambda = 0 control {default('sweep')}")
     g.add_argument("--cache-bias", type=float, nargs="+",
@@ -1599,6 +1713,8 @@ def parse_args(argv=None):
     g.add_argument("--pareto-margins", type=float, nargs="+", help=f"guaranteed cache-aware routing: margins below "
                                                                    f"the K-th best router score, each value measured "
                                                                    f"{default('pareto_margins')}")
+    g.add_argument("--pareto-multiples", type=float, nargs="+", help="the front's caches per MoE layer "
+                                                                      + grid("pareto_multiples"))
     g.add_argument("--pareto-windows", type=int, help=f"first test windows of the front, decoded token by token for "
                                                       f"cache-aware routing {default('pareto_windows')}")
     g = p.add_argument_group("decode")

@@ -17,7 +17,9 @@ Shapes: T tokens, E routed experts, K top-k, L MoE layers, S steps.
 """
 
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import NamedTuple
 
@@ -25,6 +27,7 @@ import torch
 
 import checkpoint
 import cli
+import model
 
 POLICIES = ("lru", "lfu", "belady")
 
@@ -285,6 +288,59 @@ def cached_before(indices, capacity, num_experts, policy="lru"):
             held[b, t, list(c.slot_of)] = True
             c.request(needed_experts([experts]))
     return held.to(indices.device)
+
+
+def parse_routing(text, top_k):
+    """A cache-aware routing rule as train.py's --train-routing writes it: "bias:B" (a bonus B on cached
+    experts' scores, model.Gate's bonus) or "keep:J:M" (the guaranteed rule: the true top-J, the other K - J
+    preferring cached experts within M of the K-th best score) -> {"bias": B} or {"keep": J, "margin": M}."""
+    kind, *values = text.split(":")
+    try:
+        if kind == "bias" and len(values) == 1 and float(values[0]) > 0:
+            return {"bias": float(values[0])}
+        if kind == "keep" and len(values) == 2 and 0 <= int(values[0]) < top_k and float(values[1]) > 0:
+            return {"keep": int(values[0]), "margin": float(values[1])}
+    except ValueError:
+        pass
+    raise cli.UserError(f"--train-routing {text!r}: expected bias:B with B > 0, or keep:J:M with J in 0..{top_k - 1} "
+                        f"(top-k {top_k}) and M > 0")
+
+
+def steered_route(gate, x, capacity, rule, drift=None):
+    """The gate's outputs for x (B, T, D) under cache-aware routing as the offload engine runs it: token by
+    token, each sequence with its own LRU cache of `capacity` experts (cold at its start) holding what the
+    steered choices before the token loaded. Exact for a whole batch: a layer's scores depend on no choice of
+    that layer. The choice is not differentiable; the chosen experts' weights carry gradients as usual.
+    Returns indices (B*T, K), weights (B*T, K), scores (B*T, E), the tokens in x's order. With a list `drift`,
+    appends each token step's model.routing_drift (agreement, KL), each (B,), against the gate's own choice."""
+    B, T, _ = x.shape
+    caches, out = [ExpertCache(capacity) for _ in range(B)], []
+    for t in range(T):
+        held = torch.zeros(B, gate.cfg.n_routed_experts, dtype=torch.bool)
+        for b, c in enumerate(caches):
+            held[b, list(c.slot_of)] = True
+        held = held.to(x.device)
+        steer = {"bonus": held * rule["bias"]} if "bias" in rule else {"cached": held, **rule}
+        indices, weights, scores = gate(x[:, t], **steer)  # (B, K), (B, K), (B, E)
+        if drift is not None:
+            drift.append(model.routing_drift(scores, gate(x[:, t])[0], indices))
+        for c, experts in zip(caches, indices.tolist()):
+            c.request(needed_experts([experts]))
+        out.append((indices, weights, scores))
+    return [torch.stack(o, 1).flatten(0, 1) for o in zip(*out)]
+
+
+@contextmanager
+def steered(net, capacity, rule, drift=None):
+    """Within the block every MoE layer of `net` routes by steered_route (rule None: plain routing)."""
+    before = [m.route for m in net.moes()]
+    for m in net.moes():
+        m.route = partial(steered_route, capacity=capacity, rule=rule, drift=drift) if rule else None
+    try:
+        yield net
+    finally:
+        for m, route in zip(net.moes(), before):
+            m.route = route
 
 
 def sweep(traces, capacities, policies=POLICIES, options=None):

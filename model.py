@@ -531,6 +531,7 @@ class MoE(nn.Module):
         self.layer, self.cfg = layer, cfg
         D = cfg.hidden_size
         self.gate = Gate(cfg)
+        self.route = None  # None: the gate routes all tokens at once; cache.steered sets a cache-aware loop
         # with experts_on_disk the list stays empty: offload_infer.py gives the layer a provider of its own
         self.experts = Experts(
             [] if experts_on_disk else [MLP(D, cfg.moe_intermediate_size) for _ in range(cfg.n_routed_experts)])
@@ -551,7 +552,10 @@ class MoE(nn.Module):
     def forward(self, x):  # x (B, T, D)
         B, T, D = x.shape
         flat = x.reshape(B * T, D)
-        indices, weights, scores = self.gate(flat, **self.experts.steer())  # (N, K), (N, K), (N, E)
+        if self.route is not None:  # training under the device's cache-aware routing (cache.steered)
+            indices, weights, scores = self.route(self.gate, x)
+        else:
+            indices, weights, scores = self.gate(flat, **self.experts.steer())  # (N, K), (N, K), (N, E)
         y = self.experts.run(flat, indices, weights) + self.shared(flat)
         K = indices.shape[-1]
         routing = Routing(self.layer, indices.view(B, T, K), weights.view(B, T, K), scores.view(B, T, -1))

@@ -192,6 +192,12 @@ def print_summary(s):
           f"LRU hit @{s['lru_cache']} {s['lru_hit_base']:.3f} -> {s['lru_hit_tuned']:.3f}")
 
 
+def sweep_dir(out, anchor, lam, reuse_set="window", routing=""):
+    """Where --sweep puts the run of one reuse weight (bench.py finds them there for its Pareto front)."""
+    routed = "-" + routing.replace(":", "") if routing else ""  # trained under cache-aware routing, e.g. -bias0.05
+    return Path(out) / "sweep" / f"{anchor}{'-cache' if reuse_set == 'cache' else ''}{routed}-lambda{lam:g}"
+
+
 def print_sweep(rows):
     """Reuse against quality, one row per (reuse weight, summary)."""
     print("\nlambda  reuse w=1  change   perplexity  change   load max/mean  LRU hit")

@@ -32,7 +32,7 @@ from distributed import (check_processes, full_tensor, process_device, setup_dis
                          sum_over_processes, under_torchrun, wait_for_all)
 from resume import TrainingState, corpus_identity, model_identity, stop_on_interrupt
 from testbed import (DEFAULT_BASE, LOG_EVERY, PretrainConfig, ensure_base, evaluate, print_change, print_summary, print_sweep,
-                     router_weights, summary)
+                     router_weights, summary, sweep_dir)
 
 
 @dataclass
@@ -42,6 +42,7 @@ class ReMoEConfig:
     window: int = 1                # w: the experts of the previous w tokens are R_t, the recent set
     reuse_set: str = "window"      # R_t: "window" (the paper), or "cache": what an LRU cache holds before the token
     reuse_cache: int = 0           # that cache's experts per MoE layer (0: 2 x top-k)
+    train_routing: str = ""        # "bias:B" or "keep:J:M": train under that cache-aware routing over that cache
     balance_weight: float = 0.3    # beta
     balance: str = "switch"        # "switch" (over the batch) or "sequence" (DeepSeek's, which fights reuse)
     balance_boost: float = 4.0     # beta's multiplier in stage 2
@@ -75,8 +76,7 @@ class Paths(NamedTuple):
 def router_parameters(model):
     """Freeze every parameter except the MoE routers' (`gate.weight`); return the routers. DeepSeek-V3's
     e_score_correction_bias is a buffer set by a balancing rule, not by gradients: it stays as it is."""
-    for p in model.parameters():
-        p.requires_grad_(False)
+    model.requires_grad_(False)
     gates = [m.gate for m in model.moes()]
     for g in gates:
         g.weight.requires_grad_(True)
@@ -86,8 +86,8 @@ def router_parameters(model):
 @torch.no_grad()
 def base_model_pass(model, base_routers, inputs):
     """The base model's (logits, routing) on `inputs`: this network with its original routers put back
-    for one forward pass, so that no second model is held in memory."""
-    with router_weights(model, base_routers):
+    for one forward pass, so that no second model is held in memory; plain routing, the quality to keep."""
+    with router_weights(model, base_routers), cache.steered(model, 0, None):
         return model(inputs, return_routing=True)
 
 
@@ -119,9 +119,8 @@ def train_step(cfg, procs, opt, batch, *, lam, beta, base_routers, reduce=None):
     base = base_model_pass(model, base_routers, inputs) if cfg.anchor_weight else None
     logits, routing = procs.wrapped(inputs, return_routing=True)      # (B, T, V); a Routing per MoE layer
     lm = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
-    recent = None  # R_t: the last `window` tokens' experts (router.py), or what an LRU cache holds (cache.py)
-    if cfg.reuse_set == "cache":
-        recent = [cache.cached_before(r.indices, cfg.reuse_cache or 2 * K, E) for r in routing]
+    # R_t: the last `window` tokens' experts (router.py), or what an LRU cache holds (cache.py)
+    recent = [cache.cached_before(r.indices, cfg.reuse_cache or 2 * K, E) for r in routing] if cfg.reuse_set == "cache" else None
     reuse = router.reuse_loss(routing, window=cfg.window, recent=recent)
     balance = router.balance_loss(routing, E, kind=cfg.balance, reduce=reduce)
     loss = lm + lam * reuse + beta * balance + cfg.anchor_weight * anchor_loss(cfg, logits, routing, base)
@@ -206,6 +205,7 @@ def remoe_key(cfg, data_cfg, corpus, *, model, compute, world):
     return {"--model": model, "--data": corpus_identity(data_cfg.data, corpus), "--glob": data_cfg.glob,
             "--device": compute, "processes (torchrun)": world, "--fsdp": cfg.fsdp, "--reuse-weight": cfg.reuse_weight,
             "--window": cfg.window, "--balance": cfg.balance, "--reuse-set": cfg.reuse_set, "--reuse-cache": cfg.reuse_cache,
+            "--train-routing": cfg.train_routing,
             "--balance-weight": cfg.balance_weight, "--balance-boost": cfg.balance_boost, "--anchor": cfg.anchor,
             "--anchor-weight": cfg.anchor_weight, "--kl-margin": cfg.kl_margin if cfg.anchor == "router-kl" else None,
             "--lr": cfg.lr, "--stage-steps": list(cfg.stage_steps), "--calib-split": cfg.calib_split,
@@ -216,6 +216,7 @@ def run_remoe(cfg, data_cfg, paths, fresh=False):
     """Fine-tune the routers of paths.model_dir and export the tuned checkpoint to OUT/remoe."""
     started = time.perf_counter()
     config = read_config(paths.model_dir)  # a missing or malformed model folder stops here, before any work
+    rule = cache.parse_routing(cfg.train_routing, config.num_experts_per_tok) if cfg.train_routing else None
     if cfg.seq_len > config.max_position_embeddings:
         raise UserError(f"--seq-len {cfg.seq_len} is longer than {paths.model_dir}'s context "
                         f"(max_position_embeddings {config.max_position_embeddings}); expected at most that")
@@ -235,7 +236,8 @@ def run_remoe(cfg, data_cfg, paths, fresh=False):
     suffix = ".train-state.pt" if procs.world == 1 else f".train-state.rank{procs.rank}.pt"  # FSDP: a shard each
     key = remoe_key(cfg, data_cfg, corpus, model=model_id, compute=compute, world=procs.world)
     state = TrainingState(out_dir.with_name(out_dir.name + suffix), key, fresh=fresh, started=started)
-    reports = finetune(cfg, procs, data, state)
+    with cache.steered(model, cfg.reuse_cache or 2 * config.num_experts_per_tok, rule):  # the LM loss, anchor, reports
+        reports = finetune(cfg, procs, data, state)
     routers = {m.layer: full_tensor(m.gate.weight.detach()) for m in model.moes()}
     results = None
     if procs.rank == 0:
@@ -250,15 +252,10 @@ def run_remoe(cfg, data_cfg, paths, fresh=False):
     return results
 
 
-def sweep_dir(out, anchor, lam, reuse_set="window"):
-    """Where --sweep puts the run of one reuse weight (bench.py finds them there for its Pareto front)."""
-    return Path(out) / "sweep" / f"{anchor}{'-cache' if reuse_set == 'cache' else ''}-lambda{lam:g}"
-
-
 def sweep(cfg, data_cfg, paths, lambdas, fresh=False):
     """--sweep: fine-tune once per reuse weight and print reuse vs quality side by side."""
     rows = [(lam, run_remoe(replace(cfg, reuse_weight=lam), data_cfg,
-                            paths._replace(out=sweep_dir(paths.out, cfg.anchor, lam, cfg.reuse_set)), fresh))
+                            paths._replace(out=sweep_dir(paths.out, cfg.anchor, lam, cfg.reuse_set, cfg.train_routing)), fresh))
             for lam in lambdas]
     if rows[0][1] is not None:  # the first process
         print_sweep([(lam, results["summary"]) for lam, results in rows])
@@ -286,6 +283,8 @@ def parse_args(argv=None):
                         "an LRU cache of --reuse-cache experts per layer holds before the token (default: %(default)s)")
     g.add_argument("--reuse-cache", type=int, default=r.reuse_cache,
                    help="with --reuse-set cache: the cache size per MoE layer (default: 2 x top-k)")
+    g.add_argument("--train-routing", default=r.train_routing, help="train under the device's cache-aware routing over "
+                   "an LRU cache of --reuse-cache: bias:B (bonus B on cached experts) or keep:J:M (top-J kept, the rest cached within M)")
     g.add_argument("--balance-weight", type=float, default=r.balance_weight,
                    help="beta: weight of the load-balance loss (default: %(default)s)")
     g.add_argument("--balance", choices=("switch", "sequence"), default=r.balance,

@@ -31,6 +31,8 @@ from tiny import assert_cli_errors, finetune_args, load_oracle, random_ids, read
 REPO = Path(__file__).resolve().parent.parent
 MAIN = "ds2-mla-greedy"  # tests/tiny.py's variant with 8 experts, top-3, layer 0 dense then 2 MoE layers
 SEQ_LEN, WINDOWS = 32, 4
+ROUTED = "keep:1:0.05"  # a sweep run trained under the guaranteed rule
+PARETO = ["1", "2"]  # the front at top-k and 2 x top-k (--quick alone: 2 x top-k)
 SMALL = ["--seq-len", str(SEQ_LEN), "--windows", str(WINDOWS), "--threads", "1", "--device", "cpu"]  # CPU references
 
 
@@ -45,6 +47,7 @@ def pair(corpus, base_run, tmp_path_factory):
     with contextlib.redirect_stdout(io.StringIO()):
         train.main(finetune_args(corpus, out))
         train.main(finetune_args(corpus, out, "--stage-steps", "2,0,0", "--sweep", "0,1"))  # the control and a front
+        train.main(finetune_args(corpus, out, "--stage-steps", "2,0,0", "--sweep", "0", "--train-routing", ROUTED))
     return {"corpus": corpus, "base": out / "base", "tuned": out / "remoe", "data_dir": out / "data", "root": out,
             "sweep": out / "sweep"}
 
@@ -60,7 +63,7 @@ def run(pair):
     out = pair["root"] / "bench"
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
-        bench.main([*pair_args(pair), "--quick", *SMALL, "--out", str(out)])
+        bench.main([*pair_args(pair), "--quick", *SMALL, "--pareto-multiples", *PARETO, "--out", str(out)])
     return {"out": out, "printed": printed.getvalue(), "results": json.loads((out / "results.json").read_text()),
             "traces": dict(np.load(out / "traces.npz"))}
 
@@ -200,70 +203,121 @@ def test_certificate_against_edited_models(run, truth):
 
 
 def test_pareto_points_against_a_resident_loop(run, truth, pair):
-    """Every point of the front recomputed: plain routing by brute-force LRU over model.py's routing,
-    cache-aware routing by a resident decode loop with a brute-force LRU list; fronts by brute force."""
+    """Every point of the front at every cache recomputed: plain routing by brute-force LRU over model.py's
+    routing, cache-aware routing by a resident decode loop with a brute-force LRU list; per-layer hit rates by
+    the same LRU one layer at a time; fronts and the verdict by brute force over the points."""
     pa = run["results"]["pareto"]
-    n, c = pa["windows"], pa["capacity"]
+    n = pa["windows"]
     cfg = truth["base"]["net"].config
-    assert c == min(2 * cfg.num_experts_per_tok, cfg.n_routed_experts)
+    K, E = cfg.num_experts_per_tok, cfg.n_routed_experts
+    assert pa["capacity"] == min(2 * K, E)
+    assert [x["capacity"] for x in pa["caches"]] == bench.capacity_grid([float(m) for m in PARETO], K, E) == [K, 2 * K]
     windows = truth["windows"][:n]
     base_top1 = truth["base"]["logits"][:n].argmax(-1)
     J = bench.QUICK["pareto_keep"]
     assert pa["keep"] == J and pa["margins"] == list(bench.QUICK["pareto_margins"])
-    assert set(pa["families"]) == {"base + cache-aware", "ReMoE + cache-aware", "lambda=0 control + cache-aware",
-                                   "ReMoE lambda sweep (distill)", f"base + guaranteed J={J}",
-                                   f"ReMoE + guaranteed J={J}", f"lambda=0 control + guaranteed J={J}"}
     nets = {"base": truth["base"]["net"], "tuned": truth["tuned"]["net"],
             **{str(pair["sweep"] / d / "remoe"): checkpoint.load_model(pair["sweep"] / d / "remoe")
-               for d in ("distill-lambda0", "distill-lambda1")}}
-    for family, pts in pa["families"].items():
-        for p in pts:
-            net = nets[p["model"]]
-            if p["bias"] == 0 and "keep" not in p:
-                assert (p["agreement"], p["kl"]) == (1.0, 0.0)  # a model's plain routing is its own top-k
-                with torch.no_grad():
-                    logits, routing = net(windows[:, :-1], return_routing=True)
-                assert p["hit_rate"] == pytest.approx(hit_rate([r.indices for r in routing], c))
-                ce = F.cross_entropy(logits.flatten(0, 1), windows[:, 1:].flatten()).item()
-                assert p["perplexity"] == pytest.approx(math.exp(ce), rel=1e-5)
-                per_window = F.cross_entropy(logits.transpose(1, 2), windows[:, 1:], reduction="none").sum(1)  # (n,)
-                assert p["window_nll"] == pytest.approx(per_window.tolist(), rel=1e-5)
-                top1 = logits.argmax(-1)
-            else:
-                assert ("guaranteed" in family) == ("keep" in p) and p.get("keep", J) == J
-                rate, ppl, top1, agreement, kl = resident_cache_aware(net, windows, c, p["bias"], p.get("keep"),
-                                                                      p.get("margin", 0.0))
-                assert p["agreement"] == pytest.approx(agreement) and p["kl"] == pytest.approx(kl, rel=1e-4, abs=1e-7)
-                assert p["hit_rate"] == pytest.approx(rate), (family, p)
-                assert p["perplexity"] == pytest.approx(ppl, rel=1e-5), (family, p)
-                trace = torch.from_numpy(run["traces"][p["trace"]].astype(np.int64))  # (L, N, T, K)
-                assert hit_rate(list(trace), c) == pytest.approx(p["hit_rate"])
-            assert p["top1_agreement_with_base"] == pytest.approx((top1 == base_top1).double().mean().item())
-            # the perplexity change's interval: a paired t-interval over windows of the loss difference per token,
-            # by hand (Student's t for 95% with n - 1 degrees of freedom, from a printed table)
-            T = windows.shape[1] - 1
-            base_nll = pa["families"]["base + cache-aware"][0]["window_nll"]
-            d = np.array([(a - b) / T for a, b in zip(p["window_nll"], base_nll)])
-            half = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776}[n - 1] * d.std(ddof=1) / math.sqrt(n)
-            # (the table's t has 5 digits: 1e-4 relative on the half-width)
-            assert p["perplexity_change_ci95"] == pytest.approx([math.exp(d.mean() - half) - 1, math.exp(d.mean() + half) - 1],
-                                                                rel=1e-3, abs=1e-8)
-            assert sum(p["window_nll"]) / (n * T) == pytest.approx(math.log(p["perplexity"]), rel=1e-9)
-        # the front by brute force: no point has both a higher-or-equal hit rate and a lower-or-equal perplexity
-        front = [p for p in pts if not any((q["hit_rate"], -q["perplexity"]) != (p["hit_rate"], -p["perplexity"])
-                                           and q["hit_rate"] >= p["hit_rate"] and q["perplexity"] <= p["perplexity"]
-                                           for q in pts)]
-        assert sorted(map(json.dumps, front)) == sorted(map(json.dumps, pa["fronts"][family]))
-    for v in pa["verdict"]:
-        limit = pa["base_perplexity"] * (1 + v["budget"])
-        for family, pts in pa["families"].items():
-            within = [p["hit_rate"] for p in pts if p["perplexity"] <= limit]
-            assert v["best_hit_rate"][family] == (max(within) if within else None)
-    # at the largest bonus, cache-aware routing hits at least as often as the same model's plain routing
-    for family, pts in pa["families"].items():
-        biased = [p for p in pts if p["bias"] == max(pa["biases"])]
-        if biased:
-            assert biased[0]["hit_rate"] >= next(p for p in pts if p["bias"] == 0)["hit_rate"]
+               for d in ("distill-lambda0", "distill-lambda1", "distill-keep10.05-lambda0")}}
+    for entry in pa["caches"]:
+        c = entry["capacity"]
+        assert set(entry["families"]) == {"base + cache-aware", "ReMoE + cache-aware", "lambda=0 control + cache-aware",
+                                          "ReMoE lambda sweep (distill)", f"base + guaranteed J={J}",
+                                          f"ReMoE + guaranteed J={J}", f"lambda=0 control + guaranteed J={J}",
+                                          f"ReMoE trained under {ROUTED} (distill)"}
+        # the run trained under the rule is measured under it, not by plain routing
+        assert [(p["keep"], p["margin"], p["lambda"]) for p in entry["families"][f"ReMoE trained under {ROUTED} (distill)"]] \
+            == [(1, 0.05, 0.0)]
+        for family, pts in entry["families"].items():
+            for p in pts:
+                check_point(p, family, nets[p["model"]], windows, c, J, base_top1, run, entry)
+            # the front by brute force: no point has both a higher-or-equal hit rate and a lower-or-equal perplexity
+            front = [p for p in pts if not any((q["hit_rate"], -q["perplexity"]) != (p["hit_rate"], -p["perplexity"])
+                                               and q["hit_rate"] >= p["hit_rate"] and q["perplexity"] <= p["perplexity"]
+                                               for q in pts)]
+            assert sorted(map(json.dumps, front)) == sorted(map(json.dumps, entry["fronts"][family]))
+        check_verdict(entry)
+        # at the largest bonus, cache-aware routing hits at least as often as the same model's plain routing
+        for family, pts in entry["families"].items():
+            biased = [p for p in pts if p["bias"] == max(pa["biases"])]
+            if biased:
+                assert biased[0]["hit_rate"] >= next(p for p in pts if p["bias"] == 0)["hit_rate"]
+
+
+def check_point(p, family, net, windows, c, J, base_top1, run, entry):
+    n, T = windows.shape[0], windows.shape[1] - 1
+    if p["bias"] == 0 and "keep" not in p:
+        assert (p["agreement"], p["kl"]) == (1.0, 0.0)  # a model's plain routing is its own top-k
+        with torch.no_grad():
+            logits, routing = net(windows[:, :-1], return_routing=True)
+        indices = [r.indices for r in routing]
+        assert p["hit_rate"] == pytest.approx(hit_rate(indices, c))
+        ce = F.cross_entropy(logits.flatten(0, 1), windows[:, 1:].flatten()).item()
+        assert p["perplexity"] == pytest.approx(math.exp(ce), rel=1e-5)
+        per_window = F.cross_entropy(logits.transpose(1, 2), windows[:, 1:], reduction="none").sum(1)  # (n,)
+        assert p["window_nll"] == pytest.approx(per_window.tolist(), rel=1e-5)
+        top1 = logits.argmax(-1)
+    else:
+        assert ("guaranteed" in family or "trained under" in family) == ("keep" in p) and p.get("keep", J) == J
+        rate, ppl, top1, agreement, kl = resident_cache_aware(net, windows, c, p["bias"], p.get("keep"),
+                                                              p.get("margin", 0.0))
+        assert p["agreement"] == pytest.approx(agreement) and p["kl"] == pytest.approx(kl, rel=1e-4, abs=1e-7)
+        assert p["hit_rate"] == pytest.approx(rate), (family, p)
+        assert p["perplexity"] == pytest.approx(ppl, rel=1e-5), (family, p)
+        indices = list(torch.from_numpy(run["traces"][p["trace"]].astype(np.int64)))  # [L] (N, T, K)
+        assert hit_rate(indices, c) == pytest.approx(p["hit_rate"])
+    assert p["layer_hit_rates"] == pytest.approx([hit_rate([idx], c) for idx in indices])
+    assert p["top1_agreement_with_base"] == pytest.approx((top1 == base_top1).double().mean().item())
+    # the perplexity change's interval: a paired t-interval over windows of the loss difference per token,
+    # by hand (Student's t for 95% with n - 1 degrees of freedom, from a printed table)
+    base_nll = entry["families"]["base + cache-aware"][0]["window_nll"]
+    d = np.array([(a - b) / T for a, b in zip(p["window_nll"], base_nll)])
+    half = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776}[n - 1] * d.std(ddof=1) / math.sqrt(n)
+    # (the table's t has 5 digits: 1e-4 relative on the half-width)
+    assert p["perplexity_change_ci95"] == pytest.approx([math.exp(d.mean() - half) - 1, math.exp(d.mean() + half) - 1],
+                                                        rel=1e-3, abs=1e-8)
+    assert sum(p["window_nll"]) / (n * T) == pytest.approx(math.log(p["perplexity"]), rel=1e-9)
+
+
+def check_verdict(entry):
+    """Per budget, brute force over every family's points: the best hit rate within the budget, the family that
+    reaches the highest and its point."""
+    for v in entry["verdict"]:
+        limit = entry["base_perplexity"] * (1 + v["budget"])
+        within = {f: [p for p in pts if p["perplexity"] <= limit] for f, pts in entry["families"].items()}
+        for family, pts in within.items():
+            assert v["best_hit_rate"][family] == (max(p["hit_rate"] for p in pts) if pts else None)
+        best = max(p["hit_rate"] for pts in within.values() for p in pts)  # the base model's plain point is within
+        winner = entry["families"][v["winner"]][v["winner_index"]]
+        assert winner["hit_rate"] == best and winner["perplexity"] <= limit
+    assert [v["budget"] for v in entry["verdict"]] == list(bench.BUDGETS)
+
+
+def test_best_point_decode_at_every_cache(run, pair):
+    """At every cache of the front, the best point within +0.5% decoded the same tokens as the base model's plain
+    engine: its perplexity on those tokens is its own model's, its hit rate the cache-aware one; the speedup
+    follows from the per-window times, and results.md reports it under each cache."""
+    md = (run["out"] / "results.md").read_text()
+    dec = run["results"]["decode"]
+    P = dec["prompt_tokens"]
+    windows = torch.tensor(dec["window_ids"])[1:]  # the decode table's windows, the warm-up left out
+    for entry in run["results"]["pareto"]["caches"]:
+        d = entry["decode"]
+        v = next(v for v in entry["verdict"] if v["budget"] == d["budget"] == 0.005)
+        assert (d["family"], d["point"]) == (v["winner"], v["winner_index"])
+        best, base = d["contenders"]["best"], d["contenders"]["base"]
+        assert base["speedup"] == pytest.approx(1.0) and best["speedup_ci95"][0] <= best["speedup"] <= best["speedup_ci95"][1]
+        assert best["windows"] == base["windows"] == dec["windows"]
+        p = entry["families"][d["family"]][d["point"]]
+        if p["bias"] == 0 and "keep" not in p:  # plain routing: the model's own teacher-forced perplexity
+            net = checkpoint.load_model({"base": pair["base"], "tuned": pair["tuned"]}.get(p["model"], p["model"]))
+            with torch.no_grad():
+                logits = net(windows)
+            nll = F.cross_entropy(logits[:, P:-1].flatten(0, 1), windows[:, P + 1:].flatten())
+            assert best["perplexity"] == pytest.approx(math.exp(nll.item()), rel=1e-5)
+        assert f"Best point within +0.5% at cache {entry['capacity']}: {d['family']}" in md
+        assert f"### Cache {entry['capacity']}" in md
+    assert "certificate random / off" in md
 
 
 def test_decode_rows(run, truth):
@@ -386,6 +440,7 @@ def test_capacity_grid_and_quick_defaults():
     s = bench.parse_args([])
     assert (s.windows, s.quick, s.peers) == (bench.Settings.windows, False, True)
     assert bench.parse_args(["--no-peers"]).peers is False
+    assert (s.pareto_multiples, bench.parse_args(["--quick"]).pareto_multiples) == ((1, 2, 4), (2,))
 
 
 def test_bad_input_is_one_line(pair, tmp_path):
@@ -410,6 +465,7 @@ def test_bad_input_is_one_line(pair, tmp_path):
         "decode capacity > E": ([*pair_args(pair), "--only", "decode", "--decode-capacities", "99"],
                                 "capacity 99 must be between 1 and"),
         "only what": ([*pair_args(pair), "--only", "peers"], "invalid choice"),
+        "front without 2 x top-k": ([*pair_args(pair), "--pareto-keep", "1", "--pareto-multiples", "1", "4"], "include 2 (the headline"),
     }
     assert_cli_errors(REPO / "bench.py", cases, cwd=tmp_path, extra=data)
     assert not (tmp_path / "out").exists()  # nothing is written before the input is checked

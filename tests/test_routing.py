@@ -1,18 +1,31 @@
 """Cache-aware routing with a guarantee (model.guaranteed_topk, offload_infer.py --cache-keep/--cache-margin)
 and the drift every cache-aware run reports (model.routing_drift: agreement with the true top-k, KL from the
 true routing weights), against brute force: random scores and random cached sets for the rule, plain-list
-recomputations for the drift, a resident decode loop with a brute-force LRU list for the engine and bench.py.
+recomputations for the drift, a resident decode loop with a brute-force LRU list for the engine, bench.py and
+the batched forward that train.py --train-routing trains under (cache.steered).
 """
+import contextlib
+import copy
+import io
 import json
+import math
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import bench
+import cache
+import checkpoint
 import model
 import offload_infer as oi
-from oracles import drift, guaranteed_choice, resident_cache_aware
-from tiny import assert_cli_errors, random_ids
+import train
+from oracles import drift, guaranteed_choice, lru_hits, resident_cache_aware
+from tiny import assert_cli_errors, finetune_args, random_ids
+
+REPO = Path(__file__).resolve().parent.parent
 
 MAIN = "ds2-mla-greedy"  # 8 experts, top-3, layer 0 dense then 2 MoE layers
 
@@ -123,7 +136,7 @@ def test_routing_drift_by_brute_force():
 
 @pytest.mark.parametrize("rule", [dict(keep=1, margin=0.05), dict(keep=0, margin=0.2), dict(bias=0.1)])
 def test_cache_aware_point_against_a_resident_loop(rule, tiny, loaded):
-    """bench.cache_aware (the offload engine, teacher-forced one token per step) recomputed: hit rate,
+    """bench.cache_aware (one batched pass under cache.steered) recomputed: hit rate,
     perplexity, top-1, agreement and KL from oracles.resident_cache_aware."""
     _, path = tiny(MAIN)
     net = loaded(MAIN)
@@ -174,3 +187,92 @@ def test_bad_routing_flags_are_one_line(tiny):
         "with a bias": ([*base, "--cache-keep", "1", "--cache-bias", "0.1"], "no --cache-bias"),
     }
     assert_cli_errors("offload_infer.py", cases, cwd=oi.Path(oi.__file__).parent)
+
+
+# ----------------------------------------------------------------------------------------------
+# training under cache-aware routing (train.py --train-routing): the batched forward routes as the device does
+
+@pytest.mark.parametrize("rule", [{"bias": 0.1}, {"keep": 1, "margin": 0.05}, {"keep": 0, "margin": 0.2}])
+def test_steered_forward_against_a_resident_loop(rule, loaded):
+    """Under cache.steered, one batched forward of several windows routes each token as the resident decode loop
+    with a brute-force LRU list does (oracles.resident_cache_aware): the same perplexity, top-1 and hit rate; the
+    routing differs from plain routing, and plain routing is back after the block."""
+    net = loaded(MAIN)
+    windows = random_ids(net.config.vocab_size, 3, 13, seed=7)
+    capacity = 4
+    with torch.no_grad():
+        plain = net(windows[:, :-1], return_routing=True)
+        with cache.steered(net, capacity, rule):
+            logits, routing = net(windows[:, :-1], return_routing=True)  # (N, T, V)
+        again = net(windows[:, :-1], return_routing=True)
+    rate, ppl, top1, _, _ = resident_cache_aware(net, windows, capacity, rule.get("bias", 0.0), rule.get("keep"),
+                                                 rule.get("margin", 0.0))
+    ce = F.cross_entropy(logits.flatten(0, 1), windows[:, 1:].flatten()).item()
+    assert math.exp(ce) == pytest.approx(ppl, rel=1e-5)
+    assert torch.equal(logits.argmax(-1), top1)
+    hits = sum(lru_hits(seq, capacity) for r in routing for seq in r.indices.tolist())
+    assert hits / sum(r.indices.numel() for r in routing) == pytest.approx(rate)
+    assert any(not torch.equal(a.indices, b.indices) for a, b in zip(routing, plain[1]))  # the rule moved choices
+    assert torch.equal(again[0], plain[0]) and all(m.route is None for m in net.moes())
+
+
+def test_steered_weights_carry_gradients(loaded):
+    """The steered choice is not differentiable, but the chosen experts' combine weights are the router's scores:
+    a loss on the steered forward reaches every router."""
+    net = copy.deepcopy(loaded(MAIN))
+    windows = random_ids(net.config.vocab_size, 2, 9, seed=8)
+    net.requires_grad_(False)
+    for m in net.moes():
+        m.gate.weight.requires_grad_(True)
+    with cache.steered(net, 4, {"keep": 1, "margin": 0.1}):
+        logits = net(windows[:, :-1])
+    F.cross_entropy(logits.flatten(0, 1), windows[:, 1:].flatten()).backward()
+    assert all(m.gate.weight.grad is not None and m.gate.weight.grad.abs().sum() > 0 for m in net.moes())
+
+
+def test_training_runs_under_its_routing(corpus, base_run, tmp_path, monkeypatch):
+    """train.py --train-routing: every training step's forward runs under the rule over an LRU cache of 2 x top-k
+    (the base model's anchor pass under plain routing), the run lands in its own sweep folder with the rule in its
+    settings, and bench.py finds it with that rule."""
+    shutil.copytree(base_run / "base", tmp_path / "base")
+    K = checkpoint.read_config(tmp_path / "base").num_experts_per_tok
+    seen, real_step, real_base = [], train.train_step, train.base_model_pass
+
+    def step(cfg, procs, *args, **kwargs):
+        seen.append([m.route.keywords if m.route else None for m in procs.model.moes()])
+        return real_step(cfg, procs, *args, **kwargs)
+
+    def base_pass(model, *args):  # the anchor's target: the base model as it is, plain routing
+        def forward(*a, **k):
+            seen.append("base" if all(m.route is None for m in model.moes()) else "base, steered")
+            return type(model).forward(model, *a, **k)
+        model.forward = forward
+        try:
+            return real_base(model, *args)
+        finally:
+            del model.forward
+
+    monkeypatch.setattr(train, "train_step", step)
+    monkeypatch.setattr(train, "base_model_pass", base_pass)
+    with contextlib.redirect_stdout(io.StringIO()):
+        train.main(finetune_args(corpus, tmp_path, "--stage-steps", "2,0,1", "--sweep", "0", "--train-routing",
+                                 "keep:1:0.05"))
+    rule = {"capacity": 2 * K, "rule": {"keep": 1, "margin": 0.05}, "drift": None}
+    L = len(checkpoint.read_config(tmp_path / "base").moe_layers)
+    assert seen == [[rule] * L, "base"] * 3  # stages of 2, 0 and 1 steps
+    folder = train.sweep_dir(tmp_path, "distill", 0.0, routing="keep:1:0.05")
+    assert folder.name == "distill-keep10.05-lambda0"
+    assert json.loads((folder / "remoe" / "results.json").read_text())["settings"]["train_routing"] == "keep:1:0.05"
+    found = bench.sweep_models(tmp_path / "sweep", tmp_path / "base")
+    assert [(m["path"], m["routing"], m["rule"]) for m in found] == [(str(folder / "remoe"), "keep:1:0.05",
+                                                                       {"keep": 1, "margin": 0.05})]
+
+
+def test_bad_train_routing_is_one_line(corpus, base_run, tmp_path):
+    shutil.copytree(base_run / "base", tmp_path / "base")
+    K = checkpoint.read_config(tmp_path / "base").num_experts_per_tok
+    cases = {name: (finetune_args(corpus, tmp_path, "--train-routing", value), "--train-routing")
+             for name, value in (("no kind", "0.05"), ("zero bias", "bias:0"), ("keep = K", f"keep:{K}:0.1"),
+                                 ("no margin", "keep:1"), ("not a number", "bias:x"))}
+    assert_cli_errors(REPO / "train.py", cases, cwd=tmp_path)
+    assert not (tmp_path / "remoe").exists()

@@ -646,11 +646,11 @@ def latency_study(paths, windows, prompt_len, capacities, bound, expert_bytes, d
             "profiles": profiles}
 
 
-def best_point_latency(results, budget=0.01):
-    """The Pareto front's best point within +budget perplexity of the base model (the highest hit rate at the front's
-    cache) against the base model's plain routing, predicted on every profile by the one-line formula
+def best_point_latency(results, budget=DECODE_BUDGET):
+    """The Pareto front's best point within +budget perplexity of the base model (the highest hit rate at the headline
+    cache, 2 x top-k) against the base model's plain routing, predicted on every profile by the one-line formula
     (latency.seconds_per_token: the front's windows keep loads per token only, so every miss is read alone)."""
-    pa, dec = results["pareto"], results["decode"]
+    pa, dec = headline(results["pareto"]), results["decode"]
     points = [(family, p) for family, pts in pa["fronts"].items() for p in pts
               if p["perplexity"] <= pa["base_perplexity"] * (1 + budget)]
     family, best = max(points, key=lambda fp: fp[1]["hit_rate"])
@@ -1434,7 +1434,7 @@ def md_latency(dec):
 def md_best_point(b):
     p = b["point"]
     what = "".join(f", {k} {p[k]:g}" for k in ("lambda", "bias", "keep", "margin") if p[k])
-    return ([f"The Pareto front's best point within +{b['budget']:.0%} perplexity at {b['capacity']} experts per layer: "
+    return ([f"The Pareto front's best point within +{b['budget']:.1%} perplexity at {b['capacity']} experts per layer: "
              f"{b['family']}{what}: {p['loads_per_token']:.2f} loads per token against the base model's "
              f"{b['base_loads_per_token']:.2f} on the front's windows; predicted by the one-line formula, every miss "
              f"read alone:", ""]

@@ -363,11 +363,11 @@ def test_decode_rows(run, truth):
 
 
 def test_best_point_latency(run):
-    """The front's best point within +1% perplexity (highest hit rate) against the base model's plain routing, on
-    every profile: resident time + loads per token x one miss's time, by hand."""
+    """The front's best point within +0.5% perplexity (highest hit rate) at 2 x top-k against the base model's plain
+    routing, on every profile: resident time + loads per token x one miss's time, by hand."""
     r = run["results"]
-    pa, lat, b = r["pareto"], r["decode"]["latency"], r["decode"]["latency"]["best_point"]
-    within = [p for pts in pa["fronts"].values() for p in pts if p["perplexity"] <= 1.01 * pa["base_perplexity"]]
+    pa, lat, b = bench.headline(r["pareto"]), r["decode"]["latency"], r["decode"]["latency"]["best_point"]
+    within = [p for pts in pa["fronts"].values() for p in pts if p["perplexity"] <= 1.005 * pa["base_perplexity"]]
     best = max(within, key=lambda p: p["hit_rate"])
     assert b["point"]["hit_rate"] == best["hit_rate"] and b["point"]["loads_per_token"] == best["loads_per_token"]
     assert best in pa["fronts"][b["family"]]
@@ -379,7 +379,7 @@ def test_best_point_latency(run):
     for key, loads in (("base_ms", base["loads_per_token"]), ("best_ms", best["loads_per_token"])):
         assert here[key] == pytest.approx(bound["resident_ms_per_token"] + 1e3 * loads * eb / bound["bandwidth_bytes_per_s"])
     assert all(x["speedup"] == pytest.approx(x["base_ms"] / x["best_ms"]) for x in b["profiles"])
-    assert "best point within +1% perplexity" in (run["out"] / "results.md").read_text()
+    assert "best point within +0.5% perplexity" in (run["out"] / "results.md").read_text()
 
 
 def test_free_generation(run, truth):

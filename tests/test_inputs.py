@@ -278,7 +278,7 @@ def test_long_tensor_name_in_one_short_line(damaged, capsys):
     name = "model.layers.0." + "x" * 200_000 + ".weight"
     d = damaged(lambda tensors: tensors.update({name: torch.zeros(2)}))
     line = run_main(checkpoint.main, ["--model", d], capsys)
-    assert len(line) <= 310 and "..." in line
+    assert len(line) - len(str(d)) <= 260 and "..." in line  # the name cut to 160 characters; the folder kept whole
 
 
 def test_no_warning_from_a_read_only_buffer(good):

@@ -473,21 +473,27 @@ def run_experts(x, indices, weights, experts):
     return y
 
 
-def run_experts_grouped(x, indices, weights, gate, up, down):
-    """The same combine as run_experts, every expert at once: the N*K (token, expert) pairs are sorted
-    by expert into a padded batch (E, C, D), C the busiest expert's count, and one batched SwiGLU runs
-    over it, so a layer reads one number back from the device (C) instead of syncing once per expert.
-    x (N, D), indices and weights (N, K); the experts stacked: gate, up (E, F, D), down (E, D, F)."""
-    (N, K), E = indices.shape, gate.shape[0]
+def run_experts_grouped(x, indices, weights, experts, padded=None):
+    """The same combine as run_experts, with the N*K (token, expert) pairs sorted by expert once, so a layer
+    reads one thing back from the device instead of syncing once per expert. Padded (the default on a GPU):
+    every expert in one batched SwiGLU over a batch (E, C, D), C the busiest expert's count, the one number
+    read back. Otherwise (the CPU, where the padding costs more than the launches it saves) each expert runs
+    on its slice of the sorted tokens, the E counts read back at once. x (N, D), indices and weights (N, K)."""
+    (N, K), E = indices.shape, len(experts)
     expert = indices.reshape(-1)                                    # (N*K,) the expert of each pair
     order = expert.argsort(stable=True)                             # pairs grouped by expert
     counts = torch.zeros(E, dtype=torch.long, device=x.device).index_add_(0, expert, torch.ones_like(expert))
-    expert = expert[order]                                          # (N*K,) sorted
-    rank = torch.arange(N * K, device=x.device) - (counts.cumsum(0) - counts)[expert]  # place in its group
     token = order // K                                              # (N*K,) the token of each sorted pair
-    batch = x.new_zeros(E, int(counts.max()), x.shape[1])           # (E, C, D): the one host sync
-    batch[expert, rank] = x[token]
-    out = swiglu(batch, gate, up, down)[expert, rank]              # (N*K, D)
+    if x.device.type != "cpu" if padded is None else padded:
+        gate, up, down = (torch.stack([getattr(mlp, p).weight for mlp in experts]) for p in PROJS)  # (E, ., .)
+        expert = expert[order]                                      # (N*K,) sorted
+        rank = torch.arange(N * K, device=x.device) - (counts.cumsum(0) - counts)[expert]  # place in its group
+        batch = x.new_zeros(E, int(counts.max()), x.shape[1])       # (E, C, D): the one host sync
+        batch[expert, rank] = x[token]
+        out = swiglu(batch, gate, up, down)[expert, rank]          # (N*K, D)
+    else:
+        slices = x[token].split(counts.tolist())                    # the one host sync: E counts
+        out = torch.cat([mlp(xs) for mlp, xs in zip(experts, slices) if len(xs)])  # (N*K, D)
     out = out * weights.reshape(-1)[order, None]                    # each pair's combine weight
     return torch.zeros_like(x).index_add_(0, token, out.to(x.dtype))
 
@@ -501,9 +507,9 @@ class Experts(nn.ModuleList):
     exist once. Several tokens at once (training, a prompt) take the grouped path, run_experts_grouped;
     `grouped=False` keeps the reference loop, the readable definition the grouped path is tested against."""
 
-    def __init__(self, experts=(), grouped=True):
+    def __init__(self, experts=(), grouped=True, padded=None):
         super().__init__(experts)
-        self.grouped = grouped
+        self.grouped, self.padded = grouped, padded  # padded None: on a GPU padded, on the CPU sliced
 
     def steer(self):
         return {}
@@ -518,8 +524,7 @@ class Experts(nn.ModuleList):
     def run(self, x, indices, weights):
         """The routed part of the layer's output for x (N, D): sum over k of weights * expert(x)."""
         if self.grouped and x.shape[0] > 1 and len(self):
-            gate, up, down = (torch.stack([getattr(mlp, p).weight for mlp in self]) for p in PROJS)  # (E, ., .)
-            return run_experts_grouped(x, indices, weights, gate, up, down)
+            return run_experts_grouped(x, indices, weights, self, self.padded)
         return run_experts(x, indices, weights, self)
 
 

@@ -237,8 +237,8 @@ class OffloadedExperts(nn.Module):
         if self.steered:  # record how far the steered choice is from the router's own
             true, _, scores = self.true_routing(x)
             agreement, kl = model.routing_drift(scores, true, indices)  # (T,) each
-            self.record.steps[-1].agreement.append(agreement.mean().item())
-            self.record.steps[-1].kl.append(kl.mean().item())
+            self.record.steps[-1].agreement.append(agreement.mean())  # read back once, by Record.totals
+            self.record.steps[-1].kl.append(kl.mean())
         if x.shape[0] == 1 and K <= self.cache.capacity and K * self.expert_bytes < self.TOGETHER_BELOW_BYTES:
             slots = [slot for _, slot in self.admit(indices)]  # K distinct ids: slots[k] holds indices[0, k]
             self.slots.wait(slots)

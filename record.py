@@ -61,8 +61,8 @@ class Record:
         steps = self.steps[start:stop]
         routed = [(s.tokens, a, kl) for s in steps for a, kl in zip(s.agreement, s.kl)]  # one per (step, layer)
         n = sum(t for t, _, _ in routed)
-        return Totals(agreement=sum(t * a for t, a, _ in routed) / n if n else 1.0,
-                      kl=sum(t * kl for t, _, kl in routed) / n if n else 0.0,
+        return Totals(agreement=float(sum(t * a for t, a, _ in routed) / n) if n else 1.0,  # one read per run
+                      kl=float(sum(t * kl for t, _, kl in routed) / n) if n else 0.0,
                       hits=sum(sum(s.hits) for s in steps), misses=sum(sum(s.misses) for s in steps),
                       tokens=sum(s.tokens for s in steps), steps=len(steps),
                       bytes_read=sum(s.bytes_read for s in steps), prefetched=sum(s.prefetched for s in steps))

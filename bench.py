@@ -492,7 +492,9 @@ DECODE_METHOD = ("OffloadEngine with --io direct; every contender replays the sa
                  "window from an empty expert cache with the page cache dropped; contenders take turns in A B B A "
                  "order, the first window is a discarded warm-up; ms/token is the mean over windows of the "
                  "token-by-token part with its 95% t-interval; speedup = geometric mean over windows of the paired "
-                 "ratio base time / contender time, with its 95% interval")
+                 "ratio base time / contender time, with its 95% interval; in the same rotation, for the latency "
+                 "model only, the base model with every expert resident (plain and cache-aware), reading random "
+                 "experts between its layers (latency.ReadProbe)")
 
 
 FREE_PROMPTS, FREE_SEEDS, FREE_TEMPERATURE = 2, (0, 1, 2), 0.8  # free generation: prompts x seeds per model
@@ -540,22 +542,45 @@ def summarize_runs(runs, baseline):
     return out
 
 
+RESIDENT, READING = "every expert resident", "every expert resident, reading"
+
+
 def decode(paths, windows, prompt_len, capacity, bias, device, dtype):
-    """One row of the decode table: base and tuned, each plain and with cache-aware routing."""
-    engines = {}
+    """One row of the decode table: base and tuned, each plain and with cache-aware routing. Interleaved with
+    them, this machine's figures for the latency model: the base model with every expert resident, plain and
+    cache-aware, and plain again reading random experts between its layers (latency.ReadProbe)."""
+    engines, E = {}, checkpoint.read_config(paths["base"]).n_routed_experts
     for name, path in paths.items():
         for b in (0.0, bias):
             opts = oi.OffloadConfig(cache=capacity, io="direct", cache_bias=b, device=str(device), dtype=dtype)
             engines[name + (f" + cache-aware {b:g}" if b else "")] = oi.OffloadEngine(path, opts)
+    e, K = engines["base"], engines["base"].cfg.num_experts_per_tok
+    for key, b, reads in ((RESIDENT, 0.0, False), (RESIDENT + " + cache-aware", bias, False), (READING, 0.0, True)):
+        if key.endswith("cache-aware") and not bias:
+            continue
+        resident = oi.OffloadEngine(paths["base"], replace(e.opts, cache=E, cache_bias=b))
+        resident.preload_all()
+        engines[key] = latency.ReadProbe(resident, K) if reads else resident
     try:
         runs = same_token_decode(engines, windows, prompt_len, warmup=1)
-        e = engines["base"]
         env = {"device": str(e.device), "dtype": str(e.dtype).removeprefix("torch."), "io": e.store.io,
                "io_note": e.store.fallback, "expert_bytes": e.store.expert_bytes}
     finally:
-        for e in engines.values():
-            e.close()
-    return {"capacity": capacity, "bias": bias, "contenders": summarize_runs(runs, "base"), "per_window": runs}, env
+        for x in engines.values():
+            x.close()
+    contenders, probe = summarize_runs(runs, "base"), engines[READING]
+    figures = {}
+    for key, name in ((RESIDENT, "resident"), (RESIDENT + " + cache-aware", "resident_steered"), (READING, "reading")):
+        if key in runs:
+            runs.pop(key)
+            r = contenders.pop(key)
+            figures[f"{name}_ms_per_token"], figures[f"{name}_ms_per_token_ci95"] = r["ms_per_token"], r["ms_per_token_ci95"]
+    reads = [[1e3 * s for w, _ in probe.per_window[1:] for s in w[n]] for n in range(K)]  # warm-up window left out
+    figures |= {"read_ms": [stats.t_interval(r)[0] for r in reads], "read_ms_ci95": [stats.t_interval(r)[1] for r in reads],
+                "reads_timed": [len(r) for r in reads], "reads_per_token": probe.reads_per_token(skip=1)}
+    figures["slowdown_ms_per_read"] = (figures["reading_ms_per_token"] - figures["resident_ms_per_token"]) / \
+        figures["reads_per_token"]
+    return {"capacity": capacity, "bias": bias, "contenders": contenders, "machine": figures, "per_window": runs}, env
 
 
 def physical_bound(path, windows, prompt_len, capacities, opts=None, log=print):
@@ -611,7 +636,8 @@ def decode_section(s, paths, windows, capacities, device, dtype, log, tick):
     bound = physical_bound(paths["base"], windows, s.prompt_tokens, capacities,
                            oi.OffloadConfig(device=str(device), dtype=dtype), log)
     tick()
-    predicted = latency_study(paths, windows[1:], s.prompt_tokens, capacities, bound, env["expert_bytes"], device, dtype)
+    predicted = latency_study(paths, windows[1:], s.prompt_tokens, rows, s.decode_bias, env["expert_bytes"], device,
+                              dtype)
     here = {x["capacity"]: x["ms_per_token"] for x in predicted["profiles"][0]["rows"]}  # this machine
     for row in rows:  # the prediction beside each measurement
         for name, ms in here[row["capacity"]].items():
@@ -622,22 +648,46 @@ def decode_section(s, paths, windows, capacities, device, dtype, log, tick):
             "latency": predicted}
 
 
-LATENCY_METHOD = ("latency.py: predicted time per token = resident time per token + each token's misses x (expert bytes "
-                  "/ read bandwidth + expert bytes / host-to-device bandwidth), a layer's lone miss at the single-read "
-                  "bandwidth, several at the in-flight bandwidth where known; misses from each model's routing of the "
-                  "decode windows (one batched forward pass) replayed through per-layer LRU caches, cold per window, "
-                  "the prompt's step uncounted, as the engine decodes them. This machine: the physical bound's "
-                  "measurements; the others: the published figures of each profile's source")
+LATENCY_METHOD = ("latency.py: predicted time per token = resident time per token + for each MoE layer the time to "
+                  "read that layer's misses of the token together; misses from each contender's routing of the decode "
+                  "windows (one batched forward pass; cache-aware routing simulated token by token over the same "
+                  "cache, the prompt as one step) replayed through per-layer LRU caches, cold per window, the "
+                  "prompt's step uncounted, as the engine decodes them; + misses x the compute time a read adds. This "
+                  "machine: the resident engine's time, the loader's read times of 1 to top-k experts and the time a "
+                  "read adds, measured in each row's own interleaved run (latency.ReadProbe); the "
+                  "other devices: the published figures of each profile's source, a lone miss at the single-read "
+                  "bandwidth, several at the in-flight bandwidth where known")
 
 
-def latency_study(paths, windows, prompt_len, capacities, bound, expert_bytes, device, dtype):
-    """The latency model (latency.py) on the decode windows (N, P + C): per profile, capacity and model the predicted
-    ms per token, this machine's profile first; and the LRU loads per token each model's routing trace gives."""
-    sims = {name: latency.simulate_decode(latency.routing(path, windows, device, dtype), prompt_len, capacities)
-            for name, path in paths.items()}
-    devices = [latency.this_machine(bound, str(device)), *latency.PROFILES]
+def this_machine(row, device, steered=False):
+    """latency.Device of this machine from a decode row's interleaved measurements (resident time with cache-aware
+    routing on, if `steered`)."""
+    m = row["machine"]
+    resident = m["resident_steered_ms_per_token" if steered else "resident_ms_per_token"]
+    return latency.this_machine(resident / 1e3, [x / 1e3 for x in m["read_ms"]], m["slowdown_ms_per_read"] / 1e3,
+                                str(device))
+
+
+def latency_study(paths, windows, prompt_len, rows, bias, expert_bytes, device, dtype):
+    """The latency model (latency.py) on the decode windows (N, P + C): per profile, capacity and contender of the
+    decode table the predicted ms per token, this machine's profile first (its figures from each row's run); and
+    the LRU loads per token each contender's routing trace gives."""
+    capacities, sims = [r["capacity"] for r in rows], {}
+    for name, path in paths.items():
+        net = checkpoint.load_model(path, device, getattr(torch, dtype))
+        with torch.no_grad():
+            sims[name] = latency.simulate_decode(latency.routing(net, windows), prompt_len, capacities)
+            if bias:
+                sims[f"{name} + cache-aware {bias:g}"] = {c: latency.simulate_decode(latency.routing(
+                    net, windows, c, {"bias": bias}, prompt_len), prompt_len, [c])[c] for c in capacities}
+        del net
+    here = this_machine(rows[0], device)
+    here = {"name": here.name, "source": here.source + ", with cache-aware routing on for its contenders",
+            "rows": [{"capacity": r["capacity"], "ms_per_token": {
+                m: 1e3 * latency.predict(this_machine(r, device, "cache-aware" in m), sims[m][r["capacity"]], expert_bytes)
+                for m in sims}} for r in rows]}
     active = active_bytes(checkpoint.read_config(paths["base"]), getattr(torch, dtype))
-    profiles = latency.study(sims, devices, expert_bytes, active)
+    profiles = [here] + latency.study(sims, latency.PROFILES, expert_bytes, active)
     for p in profiles:
         for row in p["rows"]:
             row["speedup"] = row["ms_per_token"]["base"] / row["ms_per_token"]["tuned"]
@@ -657,6 +707,9 @@ def best_point_latency(results, budget=DECODE_BUDGET):
     base = next(p for pts in pa["families"].values() for p in pts if p["model"] == "base" and p["bias"] == 0
                 and "keep" not in p)
     lat = dec["latency"]
+    row = next((r for r in dec["rows"] if r["capacity"] == pa["capacity"]), dec["rows"][0])
+    here = this_machine(row, dec["device"])  # figures measured beside the decode row at that cache, if there is one
+
     def ms(d, p):
         return 1e3 * latency.seconds_per_token(d, p["loads_per_token"], lat["expert_bytes"], lat["active_bytes_per_token"])
     return {"budget": budget, "capacity": pa["capacity"], "family": family,
@@ -664,7 +717,7 @@ def best_point_latency(results, budget=DECODE_BUDGET):
                                                "loads_per_token")},
             "base_loads_per_token": base["loads_per_token"],
             "profiles": [{"name": d.name, "base_ms": ms(d, base), "best_ms": ms(d, best), "speedup": ms(d, base) / ms(d, best)}
-                         for d in [latency.this_machine(dec["bound"], dec["device"]), *latency.PROFILES]]}
+                         for d in [here, *latency.PROFILES]]}
 
 
 def free_generation(paths, prompts, capacity, seeds, new_tokens, temperature, device, dtype):
@@ -1421,7 +1474,24 @@ def md_latency(dec):
                       for x, b in zip(dec["rows"], dec["bound"]["rows"]))
     rows = [[p["name"], x["capacity"], f"{x['ms_per_token']['base']:.3g}", f"{x['ms_per_token']['tuned']:.3g}",
              f"{x['speedup']:.2f}x"] for p in lat["profiles"] for x in p["rows"]]
-    return ([f"Predicted time per token on each device (ReMoE's speedup over base). Method: {lat['method']}. Expert "
+    ratios = [c["predicted_over_measured"] for x in dec["rows"] for c in x["contenders"].values()]
+    K = len(dec["rows"][0]["machine"]["read_ms"])
+
+    def ci(m, key):
+        return f"{m[key]:.2f} ± {m[key + '_ci95']:.2f}" if key in m else "-"
+    figures = [[x["capacity"], ci(m, "resident_ms_per_token"), ci(m, "resident_steered_ms_per_token"),
+                ci(m, "reading_ms_per_token"), f"{m['reads_per_token']:.2f}", f"{m['slowdown_ms_per_read']:.3f}"]
+               + [f"{r:.3f} ± {c:.3f}" for r, c in zip(m["read_ms"], m["read_ms_ci95"])]
+               for x in dec["rows"] for m in [x["machine"]]]
+    return ([f"This machine's figures, measured in each row's interleaved run (means with 95% intervals): the base "
+             f"model with every expert resident, plain and with cache-aware routing; the same engine reading random "
+             f"experts after each layer (latency.ReadProbe: {min(dec['rows'][0]['machine']['reads_timed'])} or more "
+             f"timed reads of each size n), its time less those reads; the compute time a read adds (that time less "
+             f"the resident one, per read); and the reads. Predicted / measured over all {len(ratios)} (contender, "
+             f"cache) pairs above: {min(ratios):.2f} to {max(ratios):.2f}.", ""]
+            + table(["cache (row)", "resident ms/token", "resident, cache-aware", "reading, less its reads",
+                     "reads / token", "ms added per read"] + [f"read {n} ms" for n in range(1, K + 1)], figures) + [""]
+            + [f"Predicted time per token on each device (ReMoE's speedup over base). Method: {lat['method']}. Expert "
              f"{lat['expert_bytes'] / 1e3:.1f} KB, {lat['active_bytes_per_token'] / 1e6:.2f} MB of weights active per "
              f"token. The predicted column above is this machine's row here. For scale, the measurement's own spread: the base "
              f"engine measured twice in this run on the same windows, in the table above and in the bound's run, gave "

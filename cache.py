@@ -306,16 +306,22 @@ def parse_routing(text, top_k):
                         f"(top-k {top_k}) and M > 0")
 
 
-def steered_route(gate, x, capacity, rule, drift=None):
+def steered_route(gate, x, capacity, rule, drift=None, prompt_len=0):
     """The gate's outputs for x (B, T, D) under cache-aware routing as the offload engine runs it: token by
     token, each sequence with its own LRU cache of `capacity` experts (cold at its start) holding what the
     steered choices before the token loaded. Exact for a whole batch: a layer's scores depend on no choice of
     that layer. The choice is not differentiable; the chosen experts' weights carry gradients as usual.
     Returns indices (B*T, K), weights (B*T, K), scores (B*T, E), the tokens in x's order. With a list `drift`,
-    appends each token step's model.routing_drift (agreement, KL), each (B,), against the gate's own choice."""
+    appends each token step's model.routing_drift (agreement, KL), each (B,), against the gate's own choice.
+    With prompt_len P, the first P tokens are one step, as the engine prefills a prompt: routed against the cold
+    cache, so plainly, then their experts requested together."""
     B, T, _ = x.shape
-    caches, out = [ExpertCache(capacity) for _ in range(B)], []
-    for t in range(T):
+    caches, out = [ExpertCache(capacity) for _ in range(B)], []  # out: per step (B, tokens, K), (B, tokens, K), (B, tokens, E)
+    if prompt_len:
+        out.append([o.view(B, prompt_len, -1) for o in gate(x[:, :prompt_len].flatten(0, 1))])
+        for c, tokens in zip(caches, out[0][0].tolist()):
+            c.request(needed_experts(tokens))
+    for t in range(prompt_len, T):
         held = torch.zeros(B, gate.cfg.n_routed_experts, dtype=torch.bool)
         for b, c in enumerate(caches):
             held[b, list(c.slot_of)] = True
@@ -326,16 +332,16 @@ def steered_route(gate, x, capacity, rule, drift=None):
             drift.append(model.routing_drift(scores, gate(x[:, t])[0], indices))
         for c, experts in zip(caches, indices.tolist()):
             c.request(needed_experts([experts]))
-        out.append((indices, weights, scores))
-    return [torch.stack(o, 1).flatten(0, 1) for o in zip(*out)]
+        out.append([o.unsqueeze(1) for o in (indices, weights, scores)])
+    return [torch.cat(o, 1).flatten(0, 1) for o in zip(*out)]
 
 
 @contextmanager
-def steered(net, capacity, rule, drift=None):
+def steered(net, capacity, rule, drift=None, prompt_len=0):
     """Within the block every MoE layer of `net` routes by steered_route (rule None: plain routing)."""
     before = [m.route for m in net.moes()]
     for m in net.moes():
-        m.route = partial(steered_route, capacity=capacity, rule=rule, drift=drift) if rule else None
+        m.route = partial(steered_route, capacity=capacity, rule=rule, drift=drift, prompt_len=prompt_len) if rule else None
     try:
         yield net
     finally:

@@ -1,27 +1,30 @@
 """
 latency.py: how long an offloaded decode token takes on a device, predicted before running there.
 
-What it teaches: a token costs what it costs with every expert resident, plus, for every expert the
-cache misses, one read from storage and (where the slots live in device memory) one copy over the
-host-to-device link:
+What it teaches: a token costs what it costs with every expert resident, plus, for each MoE layer, the
+time to read that layer's misses of the token (and, where the slots live in device memory, to copy them
+over the host-to-device link):
 
-    time per token = resident time + misses per token x (expert bytes / read bandwidth
-                                                         + expert bytes / host-to-device bandwidth)
+    time per token = resident time + sum over layers of read time(the layer's misses of the token)
+                                   + misses x the compute time a read adds around it
 
-The misses per token come from a routing trace replayed through the LRU simulator (cache.py), not from
-a decode run, so the prediction can be checked against one. The engine reads a layer's misses of one
-token up to offload_infer.ExpertLoader.READ_THREADS at a time: a lone miss goes at the single-read
-bandwidth, several at the bandwidth with reads in flight where the profile knows it. A device is a
-`Device`: this machine's figures are measured (bench.physical_bound); others come from PROFILES, each
-with its source. Leaves out: prefetch, reads overlapping compute, copies overlapping reads.
+The misses come from a routing trace replayed through the LRU simulator (cache.py), not from a decode
+run, so the prediction can be checked against one. A device is a `Device`. This machine's figures are
+measured as the engine pays them, by `ReadProbe`: an engine with every expert resident that, after each
+layer, reads n random experts (n = 1 .. top-k) with the engine's own loader (O_DIRECT, several reads in
+flight) and times them: its time per token less those reads, and the reads. Both are measured beside the
+decode being predicted, since this disk's speed drifts by tens of percent from minute to minute. Other devices come from PROFILES: published bandwidths, each with its source.
+Leaves out: prefetch, reads overlapping compute.
 """
 
+import random
+import time
 from dataclasses import dataclass
 
 import torch
 
-import checkpoint
 import cache
+import offload_infer as oi
 
 
 @dataclass(frozen=True)
@@ -33,6 +36,8 @@ class Device:
     resident_s_per_token: float | None = None  # measured time per token with every expert resident, or
     memory_bandwidth: float | None = None      # bytes/s the device streams weights at: resident = active bytes / it
     in_flight_bandwidth: float | None = None   # bytes/s with several reads in flight, where known
+    read_s: tuple | None = None                # measured: seconds to read a layer's n misses of a token, [n - 1]
+    slowdown_s_per_read: float = 0.0           # measured: compute time each read adds around it (shared caches, threads)
 
 
 GB = 1e9
@@ -55,15 +60,19 @@ PROFILES = (
 )
 
 
-def this_machine(bound, device="cpu"):
-    """This machine's profile from bench.physical_bound's measurements: single and in-flight read bandwidth
-    of random single-expert reads, and the resident engine's time per token."""
-    return Device("this machine", bound["bandwidth_bytes_per_s"], None,
-                  source=f"measured here on {device} (bench.physical_bound): random O_DIRECT reads of single experts, "
-                         f"one and {bound['in_flight']} in flight, and the engine with every expert resident"
-                         + ("; on CUDA the engine's copies overlap its reads and are not counted" * (device != "cpu")),
-                  resident_s_per_token=bound["resident_ms_per_token"] / 1e3,
-                  in_flight_bandwidth=bound["parallel_bandwidth_bytes_per_s"])
+def this_machine(resident_s, read_s, slowdown_s=0.0, device="cpu"):
+    """This machine, from the figures measured beside a decode (bench.decode): `resident_s` seconds per token
+    with every expert resident, `read_s` a ReadProbe's mean seconds of a read of n = 1, 2, ... experts, and
+    `slowdown_s` the compute time each read adds (the probed engine's time less its reads, against the
+    resident engine's, per read)."""
+    return Device("this machine", None, None, resident_s_per_token=resident_s, read_s=tuple(read_s),
+                  slowdown_s_per_read=slowdown_s,
+                  source=f"measured here on {device}, interleaved with the decode windows: the engine with every "
+                         f"expert resident, and the same engine reading 1 to {len(read_s)} random experts of a layer "
+                         f"after each layer with its loader (O_DIRECT, up to {oi.ExpertLoader.READ_THREADS} in "
+                         f"flight): the reads, and how much its time per token less those reads exceeds the "
+                         f"resident engine's, per read"
+                         + ("; on CUDA the copies into the slots included" * (device != "cpu")))
 
 
 def resident_seconds(device, active_bytes=None):
@@ -74,23 +83,75 @@ def resident_seconds(device, active_bytes=None):
 
 
 def miss_seconds(device, expert_bytes, in_flight=False):
-    """One miss: the expert read from storage, then copied to the device where the slots are not in host memory."""
+    """One miss: the expert read from storage, then copied to the device where the slots are not in host memory.
+    Measured (read_s): a lone read, or the per-read share of a full group of reads in flight."""
+    if device.read_s:
+        return device.read_s[-1] / len(device.read_s) if in_flight else device.read_s[0]
     bw = device.in_flight_bandwidth if in_flight and device.in_flight_bandwidth else device.read_bandwidth
     return expert_bytes / bw + (expert_bytes / device.host_to_device if device.host_to_device else 0.0)
 
 
+def read_seconds(device, n, expert_bytes):
+    """A layer's n misses of one token, read together: measured for n up to top-k (a decode token never has
+    more); from the profile's figures, a lone miss at the single-read bandwidth, several in flight."""
+    if device.read_s:
+        return device.read_s[n - 1] if n <= len(device.read_s) else n * miss_seconds(device, expert_bytes, True)
+    return miss_seconds(device, expert_bytes) if n == 1 else n * miss_seconds(device, expert_bytes, True)
+
+
 def seconds_per_token(device, misses_per_token, expert_bytes, active_bytes=None):
-    """The model in one line: resident time + misses per token x the time of one miss."""
-    return resident_seconds(device, active_bytes) + misses_per_token * miss_seconds(device, expert_bytes)
+    """The model in one line, where only misses per token are known: every miss read alone."""
+    per_miss = miss_seconds(device, expert_bytes) + device.slowdown_s_per_read
+    return resident_seconds(device, active_bytes) + misses_per_token * per_miss
 
 
 def predict(device, sim, expert_bytes, active_bytes=None):
-    """Seconds per token over the counted steps of `sim` (a cache.SimResult): a layer's lone miss of a step is
-    read alone, several are read in flight."""
-    misses = sim.misses.flatten()
-    alone, together = (misses == 1).sum().item(), misses[misses > 1].sum().item()
-    reads = alone * miss_seconds(device, expert_bytes) + together * miss_seconds(device, expert_bytes, True)
+    """Seconds per token over the counted steps of `sim` (a cache.SimResult): each (step, layer)'s misses
+    read together, each miss slowing the compute by the measured slowdown."""
+    counts = torch.bincount(sim.misses.flatten())  # [n]: how many (step, layer) pairs missed n experts
+    reads = sum(int(c) * read_seconds(device, n, expert_bytes) for n, c in enumerate(counts.tolist()) if n and c)
+    reads += sim.misses.sum().item() * device.slowdown_s_per_read
     return resident_seconds(device, active_bytes) + reads / sim.tokens.sum().item()
+
+
+class ReadProbe:
+    """This machine's read figures, measured as the engine pays them. Wraps an engine with every expert resident:
+    after each MoE layer of a decode token it reads n random experts of that layer (n = 1 .. max_n in turn)
+    through the engine's loader into slots of its own, which nothing computes with, and times the read. So the
+    reads come between computations as misses do, and the computations run with reads between them as in an
+    offloading engine, whose compute the reads slow (they share the CPU's caches, and wake reader threads).
+    `replay` is the engine's, less the probe's reads."""
+
+    def __init__(self, engine, max_n, seed=0):
+        self.engine, self.rng, self.max_n, self.count = engine, random.Random(seed), max_n, 0
+        self.slots = oi.ExpertSlots(max_n, engine.store.shapes, engine.dtype, engine.device)
+        self.per_window = []  # per replay: ([n - 1] -> seconds of each timed read of n experts, decode tokens)
+        for p in engine.providers:
+            p.after = self.read
+
+    def read(self, layer, x):
+        if x.shape[0] != 1:  # a prompt: not a decode token
+            return
+        self.count += 1
+        n = self.count % self.max_n + 1  # every size in turn
+        experts = self.rng.sample(range(self.engine.cfg.n_routed_experts), n)
+        t0 = time.perf_counter()
+        self.engine.loader.load_many(layer, [cache.Access(e, s, False, None) for s, e in enumerate(experts)], self.slots)
+        self.engine.synchronize()
+        self.per_window[-1][0][n - 1].append(time.perf_counter() - t0)
+
+    def replay(self, window, prompt_len):
+        self.per_window.append(([[] for _ in range(self.max_n)], len(window) - prompt_len))
+        seconds, totals, logits = self.engine.replay(window, prompt_len)
+        return seconds - sum(map(sum, self.per_window[-1][0])), totals, logits
+
+    def reads_per_token(self, skip=0):
+        """Experts read per decode token over the windows after the first `skip`."""
+        windows = self.per_window[skip:]
+        return sum(n * len(r) for reads, _ in windows for n, r in enumerate(reads, 1)) / sum(t for _, t in windows)
+
+    def close(self):
+        self.engine.close()
 
 
 def decode_traces(indices, prompt_len):
@@ -108,16 +169,16 @@ def simulate_decode(indices, prompt_len, capacities):
     return {c: cache.simulate(traces, "lru", c, cache.SimOptions(warmup_steps=1)) for c in capacities}
 
 
-def routing(path, windows, device="cpu", dtype="float32"):
-    """[L] of (N, T, K): a model's routing of `windows` (N, T) in one batched forward pass."""
-    net = checkpoint.load_model(path, device, getattr(torch, dtype))
-    with torch.no_grad():
-        return [r.indices.cpu() for r in net(windows.to(device), return_routing=True)[1]]
+def routing(net, windows, capacity=None, rule=None, prompt_len=0):
+    """[L] of (N, T, K): `net`'s routing of `windows` (N, T) in one batched forward pass; with a rule, cache-aware
+    routing over a cache of `capacity` experts per layer, the first prompt_len tokens one step (cache.steered)."""
+    with cache.steered(net, capacity, rule, prompt_len=prompt_len):
+        return [r.indices.cpu() for r in net(windows.to(next(net.parameters()).device), return_routing=True)[1]]
 
 
 def study(sims, devices, expert_bytes, active_bytes):
-    """Per device its name, source and, per capacity, the predicted ms per token of each model, from
-    sims {model: {capacity: cache.SimResult}}."""
+    """Per device its name, source and, per capacity, the predicted ms per token of each contender, from
+    sims {contender: {capacity: cache.SimResult}}."""
     caps = list(next(iter(sims.values())))
     return [{"name": d.name, "source": d.source,
              "rows": [{"capacity": c, "ms_per_token": {m: 1e3 * predict(d, per_cap[c], expert_bytes, active_bytes)

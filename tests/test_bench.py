@@ -373,11 +373,12 @@ def test_best_point_latency(run):
     assert best in pa["fronts"][b["family"]]
     base = pa["families"]["base + cache-aware"][0]
     assert b["base_loads_per_token"] == base["loads_per_token"]
-    bound, eb = r["decode"]["bound"], lat["expert_bytes"]
-    here = b["profiles"][0]  # this machine: the bound's resident time and single-read bandwidth
+    row = next(x for x in r["decode"]["rows"] if x["capacity"] == pa["capacity"])["machine"]
+    here = b["profiles"][0]  # this machine: the decode row's resident time, lone read and slowdown per read
     assert here["name"] == "this machine" and len(b["profiles"]) == len(lat["profiles"])
     for key, loads in (("base_ms", base["loads_per_token"]), ("best_ms", best["loads_per_token"])):
-        assert here[key] == pytest.approx(bound["resident_ms_per_token"] + 1e3 * loads * eb / bound["bandwidth_bytes_per_s"])
+        want = row["resident_ms_per_token"] + loads * (row["read_ms"][0] + row["slowdown_ms_per_read"])
+        assert here[key] == pytest.approx(want)
     assert all(x["speedup"] == pytest.approx(x["base_ms"] / x["best_ms"]) for x in b["profiles"])
     assert "best point within +0.5% perplexity" in (run["out"] / "results.md").read_text()
 

@@ -11,6 +11,8 @@ import bench
 import cache
 import checkpoint
 import latency
+import offload_infer as oi
+import store
 from tiny import random_ids
 
 MAIN = "ds2-mla-greedy"
@@ -68,26 +70,86 @@ def test_every_profile_figure_has_a_source():
 
 
 def test_decode_section_carries_predictions(tiny, tmp_path):
-    """bench's decode section on a tiny checkpoint (as both models): every plain (model, cache) row has this
-    machine's prediction and its ratio to the measurement; the prediction is latency.predict on the LRU replay
-    of the model's own routing; the trace's loads per token are the engine's."""
+    """bench's decode section on a tiny checkpoint (as both models): every (contender, cache) row has this
+    machine's prediction and its ratio to the measurement; the prediction is latency.predict, with the figures
+    measured in the row's own run, on the LRU replay of the contender's routing (cache-aware routing simulated
+    token by token); the trace's loads per token are the engine's, for cache-aware routing too."""
     _, path = tiny(MAIN)
     s = bench.Settings(prompt_tokens=4, decode_windows=2, decode_tokens=6, threads=1)
     windows = random_ids(checkpoint.read_config(path).vocab_size, 3, 10, seed=5)  # a warm-up window, then 2
     dec = bench.decode_section(s, {"base": path, "tuned": path}, windows, [4, 2], torch.device("cpu"), "float32",
                                lambda *a: None, lambda: None)
     lat = dec["latency"]
-    here = latency.this_machine(dec["bound"])
-    sims = latency.simulate_decode(latency.routing(path, windows[1:]), 4, [4, 2])
+    net = checkpoint.load_model(path)
+    with torch.no_grad():
+        sims = latency.simulate_decode(latency.routing(net, windows[1:]), 4, [4, 2])
     assert [p["name"] for p in lat["profiles"]] == ["this machine"] + [d.name for d in latency.PROFILES]
     for row, pred in zip(dec["rows"], lat["profiles"][0]["rows"]):
+        m = row["machine"]
+        cfg = checkpoint.read_config(path)  # a read after each MoE layer of each decode token, sizes in turn
+        assert len(m["read_ms"]) == cfg.num_experts_per_tok and all(x > 0 for x in m["read_ms"])
+        assert sum(m["reads_timed"]) == 2 * 6 * len(cfg.moe_layers) and max(m["reads_timed"]) - min(m["reads_timed"]) <= 1
+        slowdown = (m["reading_ms_per_token"] - m["resident_ms_per_token"]) / m["reads_per_token"]
+        assert m["slowdown_ms_per_read"] == pytest.approx(slowdown)
+        here, steered = (latency.this_machine(m[key] / 1e3, [x / 1e3 for x in m["read_ms"]], slowdown / 1e3)
+                         for key in ("resident_ms_per_token", "resident_steered_ms_per_token"))
+        assert not any(bench.RESIDENT in name for name in row["contenders"])
+        for name, c in row["contenders"].items():
+            assert c["predicted_over_measured"] == pytest.approx(c["predicted_ms_per_token"] / c["ms_per_token"])
+            assert c["predicted_ms_per_token"] == pred["ms_per_token"][name]
         for name in ("base", "tuned"):
-            c = row["contenders"][name]
             want = 1e3 * latency.predict(here, sims[row["capacity"]], dec["expert_bytes"])
-            assert c["predicted_ms_per_token"] == pytest.approx(want) == pred["ms_per_token"][name]
-            assert c["predicted_over_measured"] == pytest.approx(want / c["ms_per_token"])
-        assert "predicted_ms_per_token" not in row["contenders"]["base + cache-aware 0.05"]
+            assert row["contenders"][name]["predicted_ms_per_token"] == pytest.approx(want)
+        with torch.no_grad():  # cache-aware routing: its own trace, and the resident time with the steer on
+            trace = latency.routing(net, windows[1:], row["capacity"], {"bias": 0.05}, 4)
+        want = 1e3 * latency.predict(steered, latency.simulate_decode(trace, 4, [row["capacity"]])[row["capacity"]],
+                                     dec["expert_bytes"])
+        assert row["contenders"]["base + cache-aware 0.05"]["predicted_ms_per_token"] == pytest.approx(want)
     for i, row in enumerate(dec["rows"]):  # the batched pass routes as the engine does, token by token
-        assert lat["trace_loads_per_token"]["base"][i] == pytest.approx(row["contenders"]["base"]["loads_per_token"])
+        for name, c in row["contenders"].items():
+            assert lat["trace_loads_per_token"][name][i] == pytest.approx(c["loads_per_token"]), (name, row["capacity"])
     md = "\n".join(bench.md_decode({"decode": dec}))
     assert "predicted / measured" in md and all(d.source in md for d in latency.PROFILES)
+
+
+def test_measured_read_times():
+    """A measured device reads a layer's n misses in read_s[n - 1]: resident 1 s + per token (one lone miss,
+    0.2 s, and one group of three, 0.4 s) + 4 misses x 0.01 s of slowdown; past the table, the per-read share
+    of its last entry."""
+    d = latency.Device("d", None, None, "hand", resident_s_per_token=1.0, read_s=(0.2, 0.3, 0.4),
+                       slowdown_s_per_read=0.01)
+    misses = torch.tensor([[1, 3], [3, 1]])
+    sim = cache.SimResult(torch.zeros_like(misses), misses, torch.tensor([1, 1]))
+    assert latency.predict(d, sim, 10) == pytest.approx(1.0 + 0.6 + 0.04)
+    assert latency.read_seconds(d, 6, 10) == pytest.approx(0.8)
+    assert latency.seconds_per_token(d, 2, 10) == pytest.approx(1.0 + 2 * 0.21)  # only loads known: every miss alone
+
+
+def test_read_probe_times_the_engines_loader(tiny):
+    """ReadProbe wraps an all-resident engine: after each MoE layer of each decode token one timed read of 1 to
+    top-k distinct experts through the engine's loader (the store counts their bytes), into slots of its own, so
+    the logits are the unprobed engine's; its replay time is the engine's less those reads."""
+    _, path = tiny(MAIN)
+    cfg = checkpoint.read_config(path)
+    engines = []
+    for _ in range(2):
+        engines.append(oi.OffloadEngine(path, oi.OffloadConfig(cache=cfg.n_routed_experts, io="direct")))
+        engines[-1].preload_all()
+    probe = latency.ReadProbe(engines[1], cfg.num_experts_per_tok)
+    try:
+        window = random_ids(cfg.vocab_size, 1, 12, seed=3)[0]
+        _, _, want = engines[0].replay(window, 4)
+        before = engines[1].store.bytes_read
+        seconds, totals, logits = probe.replay(window, 4)
+        torch.testing.assert_close(logits, want, rtol=0, atol=0)  # same code, same inputs: bit for bit
+        reads, tokens = probe.per_window[-1]
+        assert sum(map(len, reads)) == tokens * len(cfg.moe_layers) and tokens == 8 and totals.misses_per_token == 0
+        assert probe.reads_per_token() == pytest.approx(sum(n * len(r) for n, r in enumerate(reads, 1)) / 8)
+        assert 0 < seconds and all(s > 0 for r in reads for s in r)
+        n_read = sum((n + 1) * len(r) for n, r in enumerate(reads))
+        read, pad = engines[1].store.bytes_read - before, len(engines[1].store.shapes) * 2 * store.DIRECT_ALIGN
+        assert n_read * engines[1].store.expert_bytes <= read <= n_read * (engines[1].store.expert_bytes + pad)
+        assert probe.slots.gate.abs().sum() > 0
+    finally:
+        probe.close()
+        engines[0].close()

@@ -257,7 +257,7 @@ def test_training_runs_under_its_routing(corpus, base_run, tmp_path, monkeypatch
     with contextlib.redirect_stdout(io.StringIO()):
         train.main(finetune_args(corpus, tmp_path, "--stage-steps", "2,0,1", "--sweep", "0", "--train-routing",
                                  "keep:1:0.05"))
-    rule = {"capacity": 2 * K, "rule": {"keep": 1, "margin": 0.05}, "drift": None}
+    rule = {"capacity": 2 * K, "rule": {"keep": 1, "margin": 0.05}, "drift": None, "prompt_len": 0}
     L = len(checkpoint.read_config(tmp_path / "base").moe_layers)
     assert seen == [[rule] * L, "base"] * 3  # stages of 2, 0 and 1 steps
     folder = train.sweep_dir(tmp_path, "distill", 0.0, routing="keep:1:0.05")

@@ -352,14 +352,14 @@ def sweep_models(folder, base):
     """The tuned models `python train.py --sweep` left under `folder` (ANCHOR-lambdaX/remoe), each checked
     to be a twin of the base model: [{"path", "anchor", "reuse_set", "routing", "rule", "lambda"}], ordered by
     anchor, reuse set, routing and lambda; "routing" is the cache-aware routing it was trained under
-    (train.py --train-routing, "" for none) and "rule" that routing parsed (cache.parse_routing), or None."""
+    (train.py --train-routing, "" for none) and "rule" that routing parsed (cli.parse_routing), or None."""
     found = []
     for results in Path(folder).glob("*/remoe/results.json"):
         settings = json.loads(results.read_text()).get("settings", {})
         cfg, routing = check_pair(base, results.parent), settings.get("train_routing", "")
         found.append({"path": str(results.parent), "anchor": settings.get("anchor", "distill"),
                       "reuse_set": settings.get("reuse_set", "window"), "routing": routing,
-                      "rule": cache.parse_routing(routing, cfg.num_experts_per_tok) if routing else None,
+                      "rule": cli.parse_routing(routing, cfg.num_experts_per_tok) if routing else None,
                       "lambda": float(settings.get("reuse_weight", math.nan))})
     return sorted(found, key=lambda m: (m["anchor"], m["reuse_set"], m["routing"], m["lambda"]))
 
@@ -542,25 +542,25 @@ def summarize_runs(runs, baseline):
     return out
 
 
-RESIDENT, READING = "every expert resident", "every expert resident, reading"
+RESIDENT, RESIDENT_STEERED, READING = "every expert resident", "every expert resident + cache-aware", "reading"
 
 
 def decode(paths, windows, prompt_len, capacity, bias, device, dtype):
     """One row of the decode table: base and tuned, each plain and with cache-aware routing. Interleaved with
     them, this machine's figures for the latency model: the base model with every expert resident, plain and
     cache-aware, and plain again reading random experts between its layers (latency.ReadProbe)."""
-    engines, E = {}, checkpoint.read_config(paths["base"]).n_routed_experts
+    engines = {}
     for name, path in paths.items():
         for b in (0.0, bias):
             opts = oi.OffloadConfig(cache=capacity, io="direct", cache_bias=b, device=str(device), dtype=dtype)
             engines[name + (f" + cache-aware {b:g}" if b else "")] = oi.OffloadEngine(path, opts)
-    e, K = engines["base"], engines["base"].cfg.num_experts_per_tok
-    for key, b, reads in ((RESIDENT, 0.0, False), (RESIDENT + " + cache-aware", bias, False), (READING, 0.0, True)):
-        if key.endswith("cache-aware") and not bias:
-            continue
+    e = engines["base"]
+    K, E = e.cfg.num_experts_per_tok, e.cfg.n_routed_experts
+    references = {RESIDENT: 0.0, READING: 0.0} | ({RESIDENT_STEERED: bias} if bias else {})  # name -> cache bias
+    for key, b in references.items():  # cache-aware routing costs compute of its own (the steer, its drift)
         resident = oi.OffloadEngine(paths["base"], replace(e.opts, cache=E, cache_bias=b))
         resident.preload_all()
-        engines[key] = latency.ReadProbe(resident, K) if reads else resident
+        engines[key] = latency.ReadProbe(resident, K) if key == READING else resident
     try:
         runs = same_token_decode(engines, windows, prompt_len, warmup=1)
         env = {"device": str(e.device), "dtype": str(e.dtype).removeprefix("torch."), "io": e.store.io,
@@ -568,16 +568,15 @@ def decode(paths, windows, prompt_len, capacity, bias, device, dtype):
     finally:
         for x in engines.values():
             x.close()
-    contenders, probe = summarize_runs(runs, "base"), engines[READING]
-    figures = {}
-    for key, name in ((RESIDENT, "resident"), (RESIDENT + " + cache-aware", "resident_steered"), (READING, "reading")):
-        if key in runs:
-            runs.pop(key)
-            r = contenders.pop(key)
-            figures[f"{name}_ms_per_token"], figures[f"{name}_ms_per_token_ci95"] = r["ms_per_token"], r["ms_per_token_ci95"]
-    reads = [[1e3 * s for w, _ in probe.per_window[1:] for s in w[n]] for n in range(K)]  # warm-up window left out
-    figures |= {"read_ms": [stats.t_interval(r)[0] for r in reads], "read_ms_ci95": [stats.t_interval(r)[1] for r in reads],
-                "reads_timed": [len(r) for r in reads], "reads_per_token": probe.reads_per_token(skip=1)}
+    contenders, probe, figures = summarize_runs(runs, "base"), engines[READING], {}
+    for key in references:
+        runs.pop(key)
+        r, name = contenders.pop(key), {RESIDENT: "resident", RESIDENT_STEERED: "resident_steered", READING: "reading"}[key]
+        figures[f"{name}_ms_per_token"], figures[f"{name}_ms_per_token_ci95"] = r["ms_per_token"], r["ms_per_token_ci95"]
+    reads = [stats.t_interval([1e3 * s for w, _ in probe.per_window[1:] for s in w[n]]) for n in range(K)]  # no warm-up
+    figures |= {"read_ms": [m for m, _ in reads], "read_ms_ci95": [ci for _, ci in reads],
+                "reads_timed": [sum(len(w[n]) for w, _ in probe.per_window[1:]) for n in range(K)],
+                "reads_per_token": probe.reads_per_token(skip=1)}
     figures["slowdown_ms_per_read"] = (figures["reading_ms_per_token"] - figures["resident_ms_per_token"]) / \
         figures["reads_per_token"]
     return {"capacity": capacity, "bias": bias, "contenders": contenders, "machine": figures, "per_window": runs}, env

@@ -313,6 +313,22 @@ def json_object(text, flag, keys, where, example):
     return value
 
 
+def parse_routing(text, top_k):
+    """A cache-aware routing rule (cache.steered) as train.py's --train-routing writes it: "bias:B" (a bonus B on
+    cached experts' scores, model.Gate's bonus) or "keep:J:M" (the guaranteed rule: the true top-J, the other K - J
+    preferring cached experts within M of the K-th best score) -> {"bias": B} or {"keep": J, "margin": M}."""
+    kind, *values = text.split(":")
+    try:
+        if kind == "bias" and len(values) == 1 and float(values[0]) > 0:
+            return {"bias": float(values[0])}
+        if kind == "keep" and len(values) == 2 and 0 <= int(values[0]) < top_k and float(values[1]) > 0:
+            return {"keep": int(values[0]), "margin": float(values[1])}
+    except ValueError:
+        pass
+    raise UserError(f"--train-routing {text!r}: expected bias:B with B > 0, or keep:J:M with J in 0..{top_k - 1} "
+                        f"(top-k {top_k}) and M > 0")
+
+
 def config_from_flags(cls, args, **given):
     """A config dataclass whose fields come from the parsed flags of the same name, except those `given`
     (the flags' defaults are the dataclass's own, so each default is declared once)."""

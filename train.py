@@ -26,7 +26,7 @@ import cache
 import router
 from checkpoint import export_tuned, load_model, read_config, stored_dtype
 from cli import (ArgumentParser, DEFAULT_RUN, UserError, check_output, comma_numbers, config_from_flags, fatal_errors,
-                 json_object, pick_dtype, run_lock, user_errors)
+                 json_object, parse_routing, pick_dtype, run_lock, user_errors)
 from data import DataConfig, prepare_data, random_batch, require_windows
 from distributed import (check_processes, full_tensor, process_device, setup_distributed, share, shut_down,
                          sum_over_processes, under_torchrun, wait_for_all)
@@ -216,7 +216,7 @@ def run_remoe(cfg, data_cfg, paths, fresh=False):
     """Fine-tune the routers of paths.model_dir and export the tuned checkpoint to OUT/remoe."""
     started = time.perf_counter()
     config = read_config(paths.model_dir)  # a missing or malformed model folder stops here, before any work
-    rule = cache.parse_routing(cfg.train_routing, config.num_experts_per_tok) if cfg.train_routing else None
+    rule = parse_routing(cfg.train_routing, config.num_experts_per_tok) if cfg.train_routing else None
     if cfg.seq_len > config.max_position_embeddings:
         raise UserError(f"--seq-len {cfg.seq_len} is longer than {paths.model_dir}'s context "
                         f"(max_position_embeddings {config.max_position_embeddings}); expected at most that")
@@ -363,6 +363,11 @@ def prepare_flags(args):
         args.sweep = comma_numbers(args.sweep, float, "--sweep")
     overrides = json_object(args.base_overrides, "--base-overrides", DEFAULT_BASE, "DEFAULT_BASE (testbed.py)",
                             example='{"hidden_size": 96}')
+    if args.train_routing:  # before a base model is pretrained, against the top-k the fine-tuned model has
+        built = args.model is None and (args.rebuild_base or not (args.paths.model_dir / "config.json").is_file())
+        top_k = ((DEFAULT_BASE | overrides)["num_experts_per_tok"] if built
+                 else read_config(args.paths.model_dir).num_experts_per_tok)
+        parse_routing(args.train_routing, top_k)
     for flag, given, does in (("--rebuild-base", args.rebuild_base, "pretrains"), ("--base-only", args.base_only, "builds")):
         if given and args.model is not None:
             raise UserError(f"{flag} {does} the default base model, which --model replaces; drop one of them")

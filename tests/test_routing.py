@@ -21,6 +21,7 @@ import cache
 import checkpoint
 import model
 import offload_infer as oi
+import testbed
 import train
 from oracles import drift, guaranteed_choice, lru_hits, resident_cache_aware
 from tiny import assert_cli_errors, finetune_args, random_ids
@@ -276,3 +277,11 @@ def test_bad_train_routing_is_one_line(corpus, base_run, tmp_path):
                                  ("no margin", "keep:1"), ("not a number", "bias:x"))}
     assert_cli_errors(REPO / "train.py", cases, cwd=tmp_path)
     assert not (tmp_path / "remoe").exists()
+
+
+def test_bad_train_routing_stops_before_pretraining(tmp_path):
+    """With no base model yet, a bad rule is refused against the default base's top-k before it is pretrained."""
+    K = testbed.DEFAULT_BASE["num_experts_per_tok"]
+    cases = {"keep = K": (["--out", str(tmp_path / "run"), "--train-routing", f"keep:{K}:0.1"], "--train-routing")}
+    assert_cli_errors(REPO / "train.py", cases, cwd=tmp_path)
+    assert not (tmp_path / "run" / "base").exists()

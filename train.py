@@ -363,17 +363,15 @@ def prepare_flags(args):
         args.sweep = comma_numbers(args.sweep, float, "--sweep")
     overrides = json_object(args.base_overrides, "--base-overrides", DEFAULT_BASE, "DEFAULT_BASE (testbed.py)",
                             example='{"hidden_size": 96}')
-    if args.train_routing:  # before a base model is pretrained, against the top-k the fine-tuned model has
-        built = args.model is None and (args.rebuild_base or not (args.paths.model_dir / "config.json").is_file())
-        top_k = ((DEFAULT_BASE | overrides)["num_experts_per_tok"] if built
-                 else read_config(args.paths.model_dir).num_experts_per_tok)
-        parse_routing(args.train_routing, top_k)
+    built = args.model is None and (args.rebuild_base or not (args.paths.model_dir / "config.json").is_file())
+    if args.train_routing:  # before a base model is pretrained, against the top-k the fine-tuned model will have
+        parse_routing(args.train_routing, (DEFAULT_BASE | overrides)["num_experts_per_tok"] if built
+                      else read_config(args.paths.model_dir).num_experts_per_tok)
     for flag, given, does in (("--rebuild-base", args.rebuild_base, "pretrains"), ("--base-only", args.base_only, "builds")):
         if given and args.model is not None:
             raise UserError(f"{flag} {does} the default base model, which --model replaces; drop one of them")
     check_processes(args.batch_size, args.fsdp)
-    if args.model is None and under_torchrun() and (args.base_only or args.rebuild_base
-                                                    or not (args.paths.model_dir / "config.json").is_file()):
+    if under_torchrun() and (built or args.model is None and args.base_only):
         raise UserError(f"build the default base model in one process before torchrun: python train.py --base-only "
                         f"--out {args.out}{' --rebuild-base' if args.rebuild_base else ''}")
     check_output(args.paths.out, "--out", [args.paths.model_dir] if args.model else [], folder=True)  # not into --model
